@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("migrate-cli: not yet");
+    std::process::exit(2);
+}

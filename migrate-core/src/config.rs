@@ -1,0 +1,130 @@
+//! Migration settings.
+
+use std::time::Duration;
+
+use uring_net::{SenderConfig, SocketOptions};
+
+/// How the source sends pages the destination asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// One channel: a requested page is sent next by the scanner, behind the bulk queue.
+    Vanilla,
+    /// The scanner sends requested pages on the urgent channel between bulk batches.
+    Preempt,
+    /// The return-path thread sends the requested host page on the urgent channel itself.
+    PreemptFull,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Vanilla, Mode::Preempt, Mode::PreemptFull];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Vanilla => "vanilla",
+            Mode::Preempt => "preempt",
+            Mode::PreemptFull => "preempt-full",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vanilla" => Ok(Mode::Vanilla),
+            "preempt" => Ok(Mode::Preempt),
+            "preempt-full" | "preempt_full" => Ok(Mode::PreemptFull),
+            o => Err(format!(
+                "unknown mode {o:?} (expected vanilla, preempt or preempt-full)"
+            )),
+        }
+    }
+}
+
+/// When precopy ends and postcopy begins (whichever comes first).
+#[derive(Clone, Debug)]
+pub struct PrecopyLimits {
+    /// At most this many passes over memory; 0 starts postcopy at once (pure postcopy).
+    pub max_passes: u32,
+    /// At most this long in precopy.
+    pub max_time: Duration,
+    /// Switch over once no more than this many host pages are dirty after a pass.
+    pub dirty_threshold: u64,
+}
+
+impl Default for PrecopyLimits {
+    fn default() -> Self {
+        Self {
+            max_passes: 3,
+            max_time: Duration::from_secs(30),
+            dirty_threshold: 0,
+        }
+    }
+}
+
+/// Source settings.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub mode: Mode,
+    pub precopy: PrecopyLimits,
+    /// Send per-page digests at the end so the destination can verify.
+    pub verify: bool,
+    pub bulk: SenderConfig,
+    pub urgent: SenderConfig,
+    pub bulk_socket: SocketOptions,
+    pub urgent_socket: SocketOptions,
+    /// Largest page record the scanner builds (bytes, a multiple of the host page size).
+    pub max_record_bytes: usize,
+    /// The scanner waits while more than this many bytes are queued in its bulk sender.
+    pub bulk_backlog: usize,
+    /// After serving a requested page, continue the background scan right after it.
+    pub page_hint: bool,
+    /// Give up if the destination is silent this long.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        let mut bulk_socket = SocketOptions::for_role(uring_net::Role::Bulk);
+        // The Postcopy and Run records that end the downtime are small: don't let Nagle hold them.
+        bulk_socket.nodelay = true;
+        Self {
+            mode: Mode::PreemptFull,
+            precopy: PrecopyLimits::default(),
+            verify: true,
+            bulk: SenderConfig::bulk(),
+            urgent: SenderConfig::urgent(),
+            bulk_socket,
+            urgent_socket: SocketOptions::for_role(uring_net::Role::Urgent),
+            max_record_bytes: 256 << 10,
+            bulk_backlog: 2 << 20,
+            page_hint: true,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Destination settings.
+#[derive(Clone, Debug)]
+pub struct DestConfig {
+    /// Options for the main connection (its reverse direction carries page requests).
+    pub main_socket: SocketOptions,
+    pub urgent_socket: SocketOptions,
+    /// Give up if the source is silent this long (before postcopy) or a handshake stalls.
+    pub timeout: Duration,
+}
+
+impl Default for DestConfig {
+    fn default() -> Self {
+        let mut main_socket = SocketOptions::for_role(uring_net::Role::ReturnPath);
+        main_socket.nodelay = true;
+        Self {
+            main_socket,
+            urgent_socket: SocketOptions::for_role(uring_net::Role::Urgent),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}

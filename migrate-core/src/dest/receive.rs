@@ -1,0 +1,77 @@
+//! Receivers: the main channel (precopy writes, commands, bulk postcopy pages) and the urgent
+//! channel (requested pages, placed by the receiving thread itself).
+
+use std::sync::Arc;
+
+use uring_net::FrameReader;
+
+use super::state::{DestShared, Staging};
+use crate::error::MigrateError;
+use crate::protocol::{PhaseAction, Record, RegionTable, RECORD_HEADER_LEN};
+use crate::stats::Lane;
+
+/// Reads the payload of a page record and places it atomically.
+pub(crate) fn place_record(
+    shared: &DestShared,
+    reader: &mut FrameReader,
+    staging: &mut Staging,
+    region: u16,
+    offset: u64,
+    len: u32,
+    lane: Lane,
+) -> Result<(), MigrateError> {
+    let reg = shared.memory.regions()[region as usize].clone();
+    let buf = staging.get(len as usize)?;
+    reader.read_exact(buf)?;
+    shared.place(&reg, offset as usize, buf, lane)
+}
+
+/// The urgent receiver: only page and zero records, only once userfaultfd is armed.
+pub(crate) fn urgent_loop(shared: Arc<DestShared>, mut reader: FrameReader, table: RegionTable) {
+    let mut staging = Staging::new();
+    let result = (|| -> Result<(), MigrateError> {
+        loop {
+            let Some(hdr) = reader.read_header::<RECORD_HEADER_LEN>()? else {
+                return Ok(());
+            };
+            let rec = Record::decode(&hdr, &table)?;
+            match (shared.phase().on_urgent(&rec)?, rec) {
+                (
+                    PhaseAction::Place,
+                    Record::Pages {
+                        region,
+                        offset,
+                        len,
+                    },
+                ) => place_record(
+                    &shared,
+                    &mut reader,
+                    &mut staging,
+                    region,
+                    offset,
+                    len,
+                    Lane::Urgent,
+                )?,
+                (
+                    PhaseAction::PlaceZero,
+                    Record::Zero {
+                        region,
+                        offset,
+                        len,
+                    },
+                ) => {
+                    let reg = shared.memory.regions()[region as usize].clone();
+                    shared.place_zero(&reg, offset as usize, len as usize)?
+                }
+                _ => {}
+            }
+        }
+    })();
+    match result {
+        Ok(()) => {}
+        // The urgent channel closing after completion is the normal end.
+        Err(MigrateError::Net(e))
+            if e.is_disconnect() && shared.phase() == crate::protocol::DestPhase::Ended => {}
+        Err(e) => shared.fail(e),
+    }
+}

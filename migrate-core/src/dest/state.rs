@@ -1,0 +1,232 @@
+//! State the destination's threads share: what is in place, which requests are in flight,
+//! placement itself, completion and failure.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
+
+use crate::bitmap::AtomicBitmap;
+use crate::error::MigrateError;
+use crate::memory::{GuestMemory, GuestRegion, Mapping};
+use crate::protocol::DestPhase;
+use crate::stats::{Counters, Lane, LatencyHistogram};
+use crate::uffd::Userfaultfd;
+
+pub(crate) struct DestShared {
+    pub memory: Arc<GuestMemory>,
+    /// Host pages in place (precopy write, postcopy placement, or received as zero).
+    pub received: Vec<AtomicBitmap>,
+    /// Request time (ns since `epoch`, | 1) per host page with a request in flight; 0 = none.
+    pub pending: Vec<Box<[AtomicU64]>>,
+    pub received_count: AtomicUsize,
+    pub total: usize,
+    pub uffd: OnceLock<Userfaultfd>,
+    phase: AtomicU8,
+    pub counters: Counters,
+    pub latency: LatencyHistogram,
+    pub epoch: Instant,
+    state: Mutex<Outcome>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Outcome {
+    complete: bool,
+    error: Option<MigrateError>,
+}
+
+impl DestShared {
+    pub fn new(memory: Arc<GuestMemory>) -> Self {
+        let regions = memory.regions();
+        Self {
+            received: regions
+                .iter()
+                .map(|r| AtomicBitmap::new(r.host_pages()))
+                .collect(),
+            pending: regions
+                .iter()
+                .map(|r| (0..r.host_pages()).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            received_count: AtomicUsize::new(0),
+            total: memory.total_host_pages(),
+            uffd: OnceLock::new(),
+            phase: AtomicU8::new(DestPhase::Precopy as u8),
+            counters: Counters::default(),
+            latency: LatencyHistogram::new(),
+            epoch: Instant::now(),
+            state: Mutex::new(Outcome::default()),
+            changed: Condvar::new(),
+            memory,
+        }
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 | 1
+    }
+
+    pub fn phase(&self) -> DestPhase {
+        match self.phase.load(Acquire) {
+            0 => DestPhase::Precopy,
+            1 => DestPhase::Armed,
+            2 => DestPhase::Running,
+            _ => DestPhase::Ended,
+        }
+    }
+
+    pub fn set_phase(&self, p: DestPhase) {
+        self.phase.store(p as u8, Release);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outcome> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the first failure and wakes the waiting thread.
+    pub fn fail(&self, e: MigrateError) {
+        let mut s = self.lock();
+        if s.error.is_none() {
+            tracing::warn!(error = %e, "destination failed");
+            s.error = Some(e);
+        }
+        self.changed.notify_all();
+    }
+
+    pub fn failed(&self) -> bool {
+        self.lock().error.is_some()
+    }
+
+    /// Blocks until every page is in place, or a thread failed, or `timeout` passes.
+    pub fn wait_complete(&self, timeout: std::time::Duration) -> Result<(), MigrateError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if let Some(e) = s.error.as_ref() {
+                return Err(e.duplicate());
+            }
+            if s.complete {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MigrateError::Timeout(format!(
+                    "{} of {} host pages still missing",
+                    self.total - self.received_count.load(Acquire),
+                    self.total
+                )));
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Marks host pages `first..first+n` of region `r` as in place; records request latencies.
+    pub fn mark_received(&self, r: usize, first: usize, n: usize) {
+        let mut newly = 0;
+        for hp in first..first + n {
+            if !self.received[r].set(hp) {
+                newly += 1;
+            }
+            let t = self.pending[r][hp].swap(0, AcqRel);
+            if t != 0 {
+                let now = self.now_ns();
+                self.latency
+                    .record(std::time::Duration::from_nanos(now.saturating_sub(t)));
+            }
+        }
+        if newly > 0 {
+            let count = self.received_count.fetch_add(newly, AcqRel) + newly;
+            if count == self.total {
+                let mut s = self.lock();
+                s.complete = true;
+                self.changed.notify_all();
+            }
+        }
+    }
+
+    /// Marks pages dropped (discard): they must arrive again.
+    pub fn mark_discarded(&self, r: usize, first: usize, n: usize) {
+        let mut dropped = 0;
+        for hp in first..first + n {
+            if self.received[r].clear(hp) {
+                dropped += 1;
+            }
+        }
+        self.received_count.fetch_sub(dropped, AcqRel);
+    }
+
+    /// Places `data` (whole host pages, page-aligned) at `offset` of `region` with one atomic
+    /// userfaultfd copy per missing host page; pages already present are skipped.
+    pub fn place(
+        &self,
+        region: &GuestRegion,
+        offset: usize,
+        data: &[u8],
+        lane: Lane,
+    ) -> Result<(), MigrateError> {
+        let uffd = self.uffd.get().ok_or_else(|| {
+            MigrateError::Internal("placement before userfaultfd was armed".into())
+        })?;
+        let page = region.host_page_size();
+        let placed = uffd.copy(region.base_addr() + offset, data, page, true)?;
+        let pages = data.len() / page;
+        let skipped = pages - placed / page;
+        if skipped > 0 {
+            self.counters
+                .duplicate_pages
+                .fetch_add(skipped as u64, Relaxed);
+        }
+        self.counters
+            .add_pages(lane, pages as u64, data.len() as u64);
+        self.mark_received(region.id() as usize, offset / page, pages);
+        Ok(())
+    }
+
+    /// Places zero pages atomically.
+    pub fn place_zero(
+        &self,
+        region: &GuestRegion,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), MigrateError> {
+        let uffd = self.uffd.get().ok_or_else(|| {
+            MigrateError::Internal("placement before userfaultfd was armed".into())
+        })?;
+        let page = region.host_page_size();
+        uffd.zeropage(region.base_addr() + offset, len, page, true)?;
+        self.counters
+            .zero_pages
+            .fetch_add((len / page) as u64, Relaxed);
+        self.mark_received(region.id() as usize, offset / page, len / page);
+        Ok(())
+    }
+}
+
+/// A page-aligned buffer that a receiver reads payloads into before placing them.
+pub(crate) struct Staging {
+    map: Option<Mapping>,
+}
+
+impl Staging {
+    pub fn new() -> Self {
+        Self { map: None }
+    }
+
+    /// A page-aligned buffer of exactly `len` bytes (the mapping grows on demand).
+    pub fn get(&mut self, len: usize) -> Result<&mut [u8], MigrateError> {
+        if self.map.as_ref().map_or(true, |m| m.len() < len) {
+            let size = len.next_power_of_two().max(2 << 20);
+            self.map = Some(Mapping::new(
+                "staging",
+                size,
+                crate::memory::Backing::Anonymous,
+            )?);
+        }
+        let m = self.map.as_ref().expect("just allocated");
+        // SAFETY: the mapping is private to this Staging, at least `len` bytes long and mapped
+        // read/write for as long as `self` lives; `&mut self` makes this the only reference.
+        Ok(unsafe { std::slice::from_raw_parts_mut(m.as_ptr(), len) })
+    }
+}

@@ -1,0 +1,373 @@
+//! The RAM scanner: precopy passes over the dirty log, switchover, then the background postcopy
+//! stream. It owns the bulk sender (and, in preempt mode, the urgent sender).
+
+use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uring_net::FrameSender;
+
+use super::pages::push_run;
+use super::shared::{Claims, Finish, Progress, RequestQueue, SourcePhase};
+use super::SourceControl;
+use crate::bitmap::AtomicBitmap;
+use crate::config::{Mode, SourceConfig};
+use crate::dirty::DirtyLog;
+use crate::error::MigrateError;
+use crate::memory::GuestMemory;
+use crate::protocol::{DiscardEntry, Record, MAX_DISCARD_PAYLOAD};
+use crate::stats::Lane;
+use crate::verify::region_digests;
+
+pub(crate) struct Scanner {
+    pub memory: Arc<GuestMemory>,
+    pub config: SourceConfig,
+    pub claims: Arc<Claims>,
+    pub bulk: FrameSender,
+    /// The urgent sender, in preempt mode only.
+    pub urgent: Option<FrameSender>,
+    pub requests: Arc<RequestQueue>,
+    pub progress: Arc<Progress>,
+    pub finish: Arc<Finish>,
+    /// Scan cursor per region (moved by the page hint).
+    pub cursor: Vec<usize>,
+    /// Host page just after the last served request, per region (page hint).
+    pub hint: Arc<Vec<std::sync::atomic::AtomicUsize>>,
+    pub scratch: Vec<(u16, usize, usize)>,
+}
+
+/// What the precopy phase measured.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PrecopyOutcome {
+    pub passes: u32,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub downtime: Duration,
+}
+
+impl Scanner {
+    fn check_failed(&self) -> Result<(), MigrateError> {
+        if let Some(e) = self
+            .finish
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Err(MigrateError::Remote(e.clone()));
+        }
+        Ok(())
+    }
+
+    /// Waits while the bulk sender holds more than the allowed backlog, serving requests.
+    fn backpressure(&mut self) -> Result<(), MigrateError> {
+        loop {
+            self.serve_requests()?;
+            if let Some(u) = self.urgent.as_mut() {
+                u.poll()?;
+            }
+            self.bulk.poll()?;
+            if self.bulk.backlog_bytes() <= self.config.bulk_backlog {
+                return Ok(());
+            }
+            self.bulk.wait(Some(Duration::from_millis(50)))?;
+            self.check_failed()?;
+        }
+    }
+
+    /// Vanilla and preempt: send what the return-path thread queued.
+    fn serve_requests(&mut self) -> Result<(), MigrateError> {
+        if self.config.mode == Mode::PreemptFull {
+            return Ok(());
+        }
+        let mut reqs = std::mem::take(&mut self.scratch);
+        self.requests.take(&mut reqs);
+        if reqs.is_empty() {
+            self.scratch = reqs;
+            return Ok(());
+        }
+        let counters = &self.progress.counters;
+        for &(r, first, n) in &reqs {
+            let region = &self.memory.regions()[r as usize];
+            let bits = &self.claims.to_send[r as usize];
+            for hp in first..first + n {
+                if !bits.clear(hp) {
+                    counters.requests_already_sent.fetch_add(1, Relaxed);
+                    continue;
+                }
+                match self.urgent.as_mut() {
+                    Some(u) => push_run(
+                        u,
+                        region,
+                        hp,
+                        1,
+                        self.config.max_record_bytes,
+                        counters,
+                        Lane::Urgent,
+                    )?,
+                    None => push_run(
+                        &mut self.bulk,
+                        region,
+                        hp,
+                        1,
+                        self.config.max_record_bytes,
+                        counters,
+                        Lane::Bulk,
+                    )?,
+                }
+            }
+        }
+        match self.urgent.as_mut() {
+            Some(u) => {
+                u.flush()?;
+                u.poll()?;
+            }
+            None => self.bulk.flush()?,
+        }
+        reqs.clear();
+        self.scratch = reqs;
+        Ok(())
+    }
+
+    /// Should precopy end now (time limit or the VMM's "go postcopy")?
+    fn precopy_over(&self, start: Instant) -> bool {
+        start.elapsed() >= self.config.precopy.max_time || self.progress.go_postcopy.load(Relaxed)
+    }
+
+    /// Claims and sends every page whose bit is set, one sweep over all regions.
+    /// In precopy (`sent_once` given) the sweep stops early when precopy is over, and marks
+    /// what it sent in `sent_once`. Returns the number of host pages this sweep sent.
+    fn sweep(
+        &mut self,
+        sent_once: Option<(&[AtomicBitmap], Instant)>,
+    ) -> Result<u64, MigrateError> {
+        let postcopy = sent_once.is_none();
+        let max_record = self.config.max_record_bytes;
+        let mut sent = 0u64;
+        for r in 0..self.memory.regions().len() {
+            let region = self.memory.regions()[r].clone();
+            let max_pages = (max_record / region.host_page_size()).max(1);
+            let pages = region.host_pages();
+            let mut hp = if postcopy { self.cursor[r] } else { 0 };
+            let mut wrapped = !postcopy;
+            loop {
+                if postcopy && self.config.page_hint {
+                    let h = self.hint[r].swap(usize::MAX, AcqRel);
+                    if h != usize::MAX && h < pages {
+                        hp = h;
+                        wrapped = false;
+                    }
+                }
+                let bits = &self.claims.to_send[r];
+                let next = match bits.next_set(hp) {
+                    Some(i) => Some(i),
+                    None if !wrapped => {
+                        wrapped = true;
+                        bits.next_set(0)
+                    }
+                    None => None,
+                };
+                let Some(i) = next else { break };
+                let mut n = 0;
+                while n < max_pages && i + n < pages && bits.clear(i + n) {
+                    n += 1;
+                }
+                if n > 0 {
+                    if let Some((sent, _)) = sent_once {
+                        sent[r].set_range(i, n);
+                    }
+                    push_run(
+                        &mut self.bulk,
+                        &region,
+                        i,
+                        n,
+                        max_record,
+                        &self.progress.counters,
+                        Lane::Bulk,
+                    )?;
+                    sent += n as u64;
+                    if postcopy {
+                        self.progress.pages_left.fetch_sub(
+                            (n as u64).min(self.progress.pages_left.load(Relaxed)),
+                            Relaxed,
+                        );
+                    }
+                }
+                hp = i + n.max(1);
+                self.cursor[r] = hp;
+                self.backpressure()?;
+                if let Some((_, start)) = sent_once {
+                    if self.precopy_over(start) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.bulk.flush()?;
+        Ok(sent)
+    }
+
+    /// Precopy passes, then switchover. On return the destination runs the guest.
+    pub fn precopy_and_switch(
+        &mut self,
+        dirty: &mut dyn DirtyLog,
+        control: &mut dyn SourceControl,
+    ) -> Result<PrecopyOutcome, MigrateError> {
+        let start = Instant::now();
+        let limits = self.config.precopy.clone();
+        let sent_once: Vec<AtomicBitmap> = self
+            .memory
+            .regions()
+            .iter()
+            .map(|r| AtomicBitmap::new(r.host_pages()))
+            .collect();
+        dirty.start(&self.memory)?;
+        self.progress.set_phase(SourcePhase::Precopy);
+        let mut passes = 0;
+        while limits.max_passes > 0 {
+            passes += 1;
+            self.progress.pass.store(passes as u64, Relaxed);
+            self.progress
+                .counters
+                .precopy_passes
+                .store(passes as u64, Relaxed);
+            self.sweep(Some((&sent_once, start)))?;
+            for (r, region) in self.memory.regions().iter().enumerate() {
+                dirty.collect(region, &self.claims.to_send[r])?;
+            }
+            let left = self.claims.remaining();
+            self.progress.pages_left.store(left, Relaxed);
+            tracing::debug!(pass = passes, dirty_left = left, "precopy pass done");
+            if left <= limits.dirty_threshold
+                || passes >= limits.max_passes
+                || self.precopy_over(start)
+            {
+                break;
+            }
+        }
+        // Switchover: pause, final sync, discard, postcopy, run.
+        self.progress.set_phase(SourcePhase::Switchover);
+        let pause_at = Instant::now();
+        control.pause().map_err(MigrateError::Pause)?;
+        for (r, region) in self.memory.regions().iter().enumerate() {
+            dirty.collect(region, &self.claims.to_send[r])?;
+        }
+        dirty.stop(&self.memory)?;
+        self.send_discards(&sent_once)?;
+        self.bulk.push(&Record::Postcopy.encode(), &[])?;
+        self.bulk.push(&Record::Run.encode(), &[])?;
+        self.bulk.flush()?;
+        let downtime = pause_at.elapsed();
+        let left = self.claims.remaining();
+        self.progress.pages_left.store(left, Relaxed);
+        self.progress.set_phase(SourcePhase::Postcopy);
+        let bulk_stats = self.bulk.stats().snapshot();
+        Ok(PrecopyOutcome {
+            passes,
+            bytes: bulk_stats.bytes,
+            elapsed: pause_at - start,
+            downtime,
+        })
+    }
+
+    /// Pages sent before but dirtied since: the destination drops them so they fault.
+    fn send_discards(&mut self, sent_once: &[AtomicBitmap]) -> Result<(), MigrateError> {
+        let max_entries = MAX_DISCARD_PAYLOAD as usize / crate::protocol::record::DISCARD_ENTRY_LEN;
+        let mut entries: Vec<DiscardEntry> = Vec::new();
+        let mut discarded = 0u64;
+        for (r, region) in self.memory.regions().iter().enumerate() {
+            let (dirty, sent) = (&self.claims.to_send[r], &sent_once[r]);
+            let page = region.host_page_size() as u64;
+            let mut hp = 0;
+            while let Some(i) = dirty.next_set(hp) {
+                if !sent.test(i) {
+                    hp = i + 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < region.host_pages()
+                    && dirty.test(j)
+                    && sent.test(j)
+                    && j - i < u32::MAX as usize
+                {
+                    j += 1;
+                }
+                entries.push(DiscardEntry {
+                    region: r as u16,
+                    pages: (j - i) as u32,
+                    offset: i as u64 * page,
+                });
+                discarded += (j - i) as u64;
+                hp = j;
+            }
+        }
+        for chunk in entries.chunks(max_entries) {
+            let rec = Record::Discard {
+                count: chunk.len() as u32,
+            };
+            let payload = uring_net::BufRef::from_vec(DiscardEntry::encode_all(chunk));
+            self.bulk.push(&rec.encode(), &[payload])?;
+        }
+        self.progress
+            .counters
+            .discarded_pages
+            .store(discarded, Relaxed);
+        Ok(())
+    }
+
+    /// Postcopy: stream everything still unsent, then digests and end, then wait for the
+    /// destination to report completion.
+    pub fn postcopy(&mut self) -> Result<(), MigrateError> {
+        while self.claims.remaining() > 0 {
+            self.sweep(None)?;
+        }
+        self.progress.pages_left.store(0, Relaxed);
+        self.progress.set_phase(SourcePhase::Finishing);
+        if self.config.verify {
+            self.send_digests()?;
+        }
+        self.bulk.push(&Record::End.encode(), &[])?;
+        self.bulk.flush()?;
+        let deadline_step = Duration::from_millis(20);
+        let mut silent = Duration::ZERO;
+        while !self.finish.done.load(Acquire) {
+            self.check_failed()?;
+            self.serve_requests()?;
+            if let Some(u) = self.urgent.as_mut() {
+                u.poll()?;
+            }
+            self.bulk.wait(Some(deadline_step))?;
+            silent += deadline_step;
+            if silent > self.config.timeout * 4 {
+                return Err(MigrateError::Timeout(
+                    "the destination never reported completion".into(),
+                ));
+            }
+        }
+        self.bulk.drain(Some(self.config.timeout))?;
+        Ok(())
+    }
+
+    fn send_digests(&mut self) -> Result<(), MigrateError> {
+        const PER_RECORD: usize = 64 << 10;
+        for region in self.memory.regions().to_vec() {
+            let page = region.host_page_size() as u64;
+            let mut first = 0;
+            while first < region.host_pages() {
+                let n = PER_RECORD.min(region.host_pages() - first);
+                let digests = region_digests(&region, first, n);
+                let bytes: Vec<u8> = digests.iter().flat_map(|d| d.to_le_bytes()).collect();
+                let rec = Record::Digests {
+                    region: region.id(),
+                    offset: first as u64 * page,
+                    count: n as u32,
+                };
+                self.bulk
+                    .push(&rec.encode(), &[uring_net::BufRef::from_vec(bytes)])?;
+                first += n;
+                self.backpressure()?;
+            }
+        }
+        Ok(())
+    }
+}

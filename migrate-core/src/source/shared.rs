@@ -1,0 +1,142 @@
+//! State the source's threads share: claim bits, the request queue, progress.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::Mutex;
+
+use crate::bitmap::AtomicBitmap;
+use crate::memory::GuestMemory;
+use crate::stats::Counters;
+
+/// Phases the source reports through [`Progress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourcePhase {
+    Connecting = 0,
+    Precopy = 1,
+    Switchover = 2,
+    Postcopy = 3,
+    Finishing = 4,
+    Done = 5,
+    Failed = 6,
+}
+
+impl SourcePhase {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Connecting,
+            1 => Self::Precopy,
+            2 => Self::Switchover,
+            3 => Self::Postcopy,
+            4 => Self::Finishing,
+            5 => Self::Done,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// Live progress of a source, readable from any thread (progress bars, a VMM's monitor).
+#[derive(Debug)]
+pub struct Progress {
+    phase: AtomicU8,
+    pub pass: AtomicU64,
+    /// Host pages still to send (as of the last pass boundary or postcopy scan step).
+    pub pages_left: AtomicU64,
+    pub total_pages: AtomicU64,
+    /// Set by the VMM to end precopy at the next opportunity.
+    pub go_postcopy: AtomicBool,
+    pub counters: Counters,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            phase: AtomicU8::new(0),
+            pass: AtomicU64::new(0),
+            pages_left: AtomicU64::new(0),
+            total_pages: AtomicU64::new(0),
+            go_postcopy: AtomicBool::new(false),
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Progress {
+    pub fn phase(&self) -> SourcePhase {
+        SourcePhase::from_u8(self.phase.load(Relaxed))
+    }
+
+    pub(crate) fn set_phase(&self, p: SourcePhase) {
+        self.phase.store(p as u8, Relaxed);
+    }
+}
+
+/// Claim bits: bit set = the host page still has to be sent. Whoever clears it sends it.
+pub(crate) struct Claims {
+    pub to_send: Vec<AtomicBitmap>,
+}
+
+impl Claims {
+    pub fn new(memory: &GuestMemory) -> Self {
+        Self {
+            to_send: memory
+                .regions()
+                .iter()
+                .map(|r| AtomicBitmap::new_full(r.host_pages()))
+                .collect(),
+        }
+    }
+
+    pub fn remaining(&self) -> u64 {
+        self.to_send.iter().map(|b| b.count_ones() as u64).sum()
+    }
+}
+
+/// Requests handed from the return-path thread to the scanner (vanilla and preempt).
+#[derive(Default)]
+pub(crate) struct RequestQueue {
+    queue: Mutex<VecDeque<(u16, usize, usize)>>,
+    pending: AtomicBool,
+}
+
+impl RequestQueue {
+    pub fn push(&self, region: u16, first_hp: usize, pages: usize) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((region, first_hp, pages));
+        self.pending.store(true, Release);
+    }
+
+    /// Takes everything queued; cheap when empty.
+    pub fn take(&self, out: &mut Vec<(u16, usize, usize)>) {
+        if !self.pending.swap(false, Acquire) {
+            return;
+        }
+        out.extend(
+            self.queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..),
+        );
+    }
+}
+
+/// How the return path ended.
+#[derive(Debug, Default)]
+pub(crate) struct Finish {
+    pub done: AtomicBool,
+    /// 0 = no verification, 1 = failed, 2 = passed.
+    pub verified: AtomicU8,
+    pub error: Mutex<Option<String>>,
+}
+
+impl Finish {
+    pub fn verified(&self) -> Option<bool> {
+        match self.verified.load(Acquire) {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Whole migrations: each mode × access pattern, verified byte for byte.
+
+use migrate_core::workload::Access;
+use migrate_core::Mode;
+use migrate_tests::{assert_identical, run, Case};
+
+fn check(case: Case) {
+    let o = run(&case);
+    let v = o.dest.verify.as_ref().expect("verification ran");
+    assert!(v.ok(), "verification failed: {v:?}");
+    assert_eq!(o.source.verified, Some(true));
+    assert_identical(&o);
+    let total = o.src_mem.total_host_pages() as u64;
+    let c = o.dest.counters;
+    assert!(
+        c.pages_bulk + c.pages_urgent + c.zero_pages >= total,
+        "{c:?}"
+    );
+    eprintln!(
+        "{:?} {:?}: requests {} urgent pages {} latency avg {:.0} us p99 {:.0} us",
+        case.mode, case.access, c.requests, c.pages_urgent, o.dest.latency.avg, o.dest.latency.p99
+    );
+}
+
+#[test]
+fn vanilla_random() {
+    check(Case::small(Mode::Vanilla, Access::Random));
+}
+
+#[test]
+fn vanilla_sequential() {
+    check(Case::small(Mode::Vanilla, Access::Sequential));
+}
+
+#[test]
+fn preempt_random() {
+    check(Case::small(Mode::Preempt, Access::Random));
+}
+
+#[test]
+fn preempt_sequential() {
+    check(Case::small(Mode::Preempt, Access::Sequential));
+}
+
+#[test]
+fn preempt_full_random() {
+    check(Case::small(Mode::PreemptFull, Access::Random));
+}
+
+/// Pure postcopy (no precopy pass): every page is either streamed or requested.
+fn pure_postcopy(mode: Mode) {
+    let mut case = Case::small(mode, Access::Random);
+    case.passes = 0;
+    let o = run(&case);
+    assert!(o.dest.verify.as_ref().unwrap().ok());
+    assert_identical(&o);
+    let (d, s) = (o.dest.counters, o.source.counters);
+    assert!(d.requests > 0, "{d:?}");
+    assert!(s.requests > 0, "{s:?}");
+    assert_eq!(
+        o.dest.latency.count, d.requests,
+        "one latency sample per request"
+    );
+    if mode == Mode::Vanilla {
+        assert_eq!(s.pages_urgent, 0, "vanilla never uses the urgent channel");
+    } else {
+        assert!(s.pages_urgent > 0, "{s:?}");
+    }
+}
+
+#[test]
+fn vanilla_pure_postcopy() {
+    pure_postcopy(Mode::Vanilla);
+}
+
+#[test]
+fn preempt_pure_postcopy() {
+    pure_postcopy(Mode::Preempt);
+}
+
+#[test]
+fn preempt_full_pure_postcopy() {
+    pure_postcopy(Mode::PreemptFull);
+}
+
+#[test]
+fn preempt_full_sequential() {
+    check(Case::small(Mode::PreemptFull, Access::Sequential));
+}
