@@ -48,6 +48,21 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Pin the calling thread to `cpu` if `BENCH_PIN=1` (off by default: on this 2-core box
+/// pinning sender and receiver apart made every variant ~3x slower).
+fn pin(cpu: usize) {
+    if env::<u32>("BENCH_PIN", 0) == 0 {
+        return;
+    }
+    // SAFETY: `set` is a live, zero-initialised cpu_set_t; CPU_SET stays within its bounds
+    // (cpu < CPU_SETSIZE) and sched_setaffinity(0, ..) only affects the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// A connected loopback TCP pair; the receiving side drains into a thread until EOF.
 fn connection() -> (Stream, std::thread::JoinHandle<u64>) {
     let l = Listener::bind(&"127.0.0.1:0".parse::<Endpoint>().unwrap()).unwrap();
@@ -56,6 +71,7 @@ fn connection() -> (Stream, std::thread::JoinHandle<u64>) {
     let rx = l.accept().unwrap();
     SocketOptions::for_role(Role::Bulk).apply(&tx).unwrap();
     let rx_thread = std::thread::spawn(move || {
+        pin(1);
         let mut rx = rx;
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
@@ -83,7 +99,7 @@ fn sqe_per_frame(size: &'static str, frame_len: usize, batch: usize, secs: f64) 
     let pool: Vec<u8> = (0..nframes * stride).map(|i| i as u8).collect();
     let mut ring = IoUring::new(batch.max(8).next_power_of_two() as u32).unwrap();
     let fd = types::Fd(tx.as_raw_fd());
-    let (mut frames, mut bytes, mut enters) = (0u64, 0u64, 0u64);
+    let (mut bytes, mut enters) = (0u64, 0u64);
     let mut idx = 0;
     let cpu0 = thread_cpu_ns();
     let t0 = Instant::now();
@@ -113,8 +129,10 @@ fn sqe_per_frame(size: &'static str, frame_len: usize, batch: usize, secs: f64) 
                 enters += 1;
             }
         }
-        frames += batch as u64;
     }
+    // Short sends lose bytes here (independent SQEs; fine for a drain-only receiver), so
+    // report whole frames' worth of bytes actually sent.
+    let frames = bytes / stride as u64;
     let secs = t0.elapsed().as_secs_f64();
     let cpu_ns = thread_cpu_ns() - cpu0;
     finish(tx, rx, bytes);
@@ -189,7 +207,7 @@ fn frame_sender(
         ZeroCopy::Always => "FrameSender ZC (SENDMSG_ZC)",
         _ => "FrameSender (SENDMSG)",
     };
-    eprintln!("  {name} {size}: {st:?}");
+    tracing_free_log(name, size, &st);
     let tx = s.stream().try_clone().unwrap();
     drop(s);
     finish(tx, rx, st.bytes);
@@ -202,6 +220,12 @@ fn frame_sender(
         secs,
         syscalls: st.submits,
         cpu_ns,
+    }
+}
+
+fn tracing_free_log(name: &str, size: &str, st: &uring_net::SendStatsSnapshot) {
+    if std::env::var("BENCH_VERBOSE").is_ok() {
+        eprintln!("  {name} {size}: {st:?}");
     }
 }
 
@@ -276,54 +300,70 @@ fn print(rows: &[Row]) {
     }
 }
 
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Clone, Copy)]
+enum Case {
+    Writev(&'static str, usize, usize),
+    Sqe(&'static str, usize, usize),
+    Sender(&'static str, usize, ZeroCopy, usize),
+}
+
+fn run(case: Case, npages: usize, secs: f64) -> Row {
+    match case {
+        Case::Writev(size, len, per_call) => writev_baseline(size, len, per_call, secs),
+        Case::Sqe(size, len, batch) => sqe_per_frame(size, len, batch, secs),
+        Case::Sender(size, len, zc, count) => frame_sender(size, len, npages, zc, count, secs),
+    }
+}
+
 fn main() {
-    // `cargo bench` passes `--bench`; ignore arguments.
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.5);
-    let npages: usize = std::env::var("BENCH_PAGES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4096);
-    let big = std::env::var("BENCH_BIG").map(|v| v != "0").unwrap_or(true);
-    let mut rows = Vec::new();
-    eprintln!("sqe_batching: {secs} s per row, {npages}-page pool");
-    rows.push(writev_baseline("4 KiB", 4096, 64, secs));
+    // `cargo bench` passes `--bench`; arguments are ignored.
+    let secs: f64 = env("BENCH_SECS", 1.0);
+    let reps: usize = env("BENCH_REPS", 3);
+    let npages: usize = env("BENCH_PAGES", 4096);
+    let big = env::<u32>("BENCH_BIG", 1) != 0;
+    pin(0);
+    let mb2 = 2 << 20;
+    let mut cases = vec![Case::Writev("4 KiB", 4096, 64)];
     for batch in [1, 4, 16, 64, 256] {
-        rows.push(sqe_per_frame("4 KiB", 4096, batch, secs));
+        cases.push(Case::Sqe("4 KiB", 4096, batch));
     }
-    rows.push(frame_sender(
-        "4 KiB",
-        4096,
-        npages,
-        ZeroCopy::Never,
-        64,
-        secs,
-    ));
-    rows.push(frame_sender(
-        "4 KiB",
-        4096,
-        npages,
-        ZeroCopy::Always,
-        64,
-        secs,
-    ));
+    for count in [16, 64, 256] {
+        cases.push(Case::Sender("4 KiB", 4096, ZeroCopy::Never, count));
+    }
+    cases.push(Case::Sender("4 KiB", 4096, ZeroCopy::Always, 64));
     if big {
-        let mb2 = 2 << 20;
-        rows.push(writev_baseline("2 MiB", mb2, 1, secs));
+        cases.push(Case::Writev("2 MiB", mb2, 1));
         for batch in [1, 4] {
-            rows.push(sqe_per_frame("2 MiB", mb2, batch, secs));
+            cases.push(Case::Sqe("2 MiB", mb2, batch));
         }
-        rows.push(frame_sender("2 MiB", mb2, npages, ZeroCopy::Never, 1, secs));
-        rows.push(frame_sender(
-            "2 MiB",
-            mb2,
-            npages,
-            ZeroCopy::Always,
-            1,
-            secs,
-        ));
+        cases.push(Case::Sender("2 MiB", mb2, ZeroCopy::Never, 1));
+        cases.push(Case::Sender("2 MiB", mb2, ZeroCopy::Always, 1));
     }
+    eprintln!(
+        "sqe_batching: {} cases x {reps} reps x {secs} s, {npages}-page pool; median by GB/s",
+        cases.len()
+    );
+    // Interleave repetitions so slow drifts (thermal, other load) hit every case alike.
+    let mut runs: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
+    for _ in 0..reps.max(1) {
+        for (i, &c) in cases.iter().enumerate() {
+            runs[i].push(run(c, npages, secs));
+        }
+    }
+    let rows: Vec<Row> = runs
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(|a, b| (a.bytes as f64 / a.secs).total_cmp(&(b.bytes as f64 / b.secs)));
+            let mid = v.len() / 2;
+            v.swap_remove(mid)
+        })
+        .collect();
     print(&rows);
 }

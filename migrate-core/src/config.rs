@@ -83,6 +83,9 @@ pub struct SourceConfig {
     /// Give up if the destination is silent this long.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// Run the return-path thread at this `SCHED_FIFO` priority (falls back to nice -10 where
+    /// not permitted); `None` leaves default scheduling.
+    pub urgent_priority: Option<i32>,
 }
 
 impl Default for SourceConfig {
@@ -103,6 +106,7 @@ impl Default for SourceConfig {
             page_hint: true,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            urgent_priority: Some(10),
         }
     }
 }
@@ -115,6 +119,9 @@ pub struct DestConfig {
     pub urgent_socket: SocketOptions,
     /// Give up if the source is silent this long (before postcopy) or a handshake stalls.
     pub timeout: Duration,
+    /// Run the fault thread and the urgent receiver at this `SCHED_FIFO` priority (falls back
+    /// to nice -10 where not permitted); `None` leaves default scheduling.
+    pub urgent_priority: Option<i32>,
 }
 
 impl Default for DestConfig {
@@ -125,6 +132,7 @@ impl Default for DestConfig {
             main_socket,
             urgent_socket: SocketOptions::for_role(uring_net::Role::Urgent),
             timeout: Duration::from_secs(30),
+            urgent_priority: Some(10),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod eventfd;
 pub mod handshake;
 pub mod memory;
 pub mod protocol;
+pub mod sched;
 pub mod source;
 pub mod stats;
 pub mod uffd;
@@ -23,7 +24,7 @@ pub mod verify;
 pub mod workload;
 
 pub use config::{DestConfig, Mode, PrecopyLimits, SourceConfig};
-pub use dest::{DestControl, DestReport, Destination};
+pub use dest::{DestControl, DestProgress, DestReport, DestWatch, Destination};
 pub use error::MigrateError;
 pub use memory::{Backing, GuestMemory, GuestRegion, RegionSpec};
 pub use source::{Source, SourceControl, SourceReport};

@@ -243,7 +243,7 @@ impl LatencySummary {
 fn human(v: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
     for (size, suffix) in UNITS {
-        if v >= size && v % size == 0 {
+        if v >= size && v.is_multiple_of(size) {
             return format!("{}{suffix}", v / size);
         }
     }

@@ -25,6 +25,9 @@ pub struct Case {
     /// Source guest writes per second during precopy.
     pub dirty_rate: u64,
     pub passes: u32,
+    /// Precopy time limit: a short one switches over in the middle of a pass, so postcopy has
+    /// both never-sent and dirtied (discarded) pages to fetch.
+    pub precopy_limit: Duration,
     /// Destination guest touches per vCPU.
     pub touches: u64,
 }
@@ -39,6 +42,7 @@ impl Case {
             vcpus: 2,
             dirty_rate: 20_000,
             passes: 2,
+            precopy_limit: Duration::from_millis(3),
             touches: 300,
         }
     }
@@ -120,6 +124,7 @@ pub fn run(case: &Case) -> Outcome {
         ..SourceConfig::default()
     };
     cfg.precopy.max_passes = case.passes;
+    cfg.precopy.max_time = case.precopy_limit;
     let source = Source::new(src_mem.clone(), cfg).migrate(&ep, &mut dirty, &mut pause);
     let dest = dest.join().expect("destination thread");
     let source = source.expect("source migration");

@@ -1,8 +1,14 @@
 //! Whole migrations: each mode × access pattern, verified byte for byte.
 
+use std::sync::Mutex;
+
+use migrate_core::memory::free_huge_pages;
 use migrate_core::workload::Access;
-use migrate_core::Mode;
+use migrate_core::{Backing, Mode};
 use migrate_tests::{assert_identical, run, Case};
+
+/// hugetlb cases share the reserved pool: one at a time.
+static HUGETLB: Mutex<()> = Mutex::new(());
 
 fn check(case: Case) {
     let o = run(&case);
@@ -86,4 +92,66 @@ fn preempt_full_pure_postcopy() {
 #[test]
 fn preempt_full_sequential() {
     check(Case::small(Mode::PreemptFull, Access::Sequential));
+}
+
+/// 2 MiB hugetlb host pages: whole huge pages travel and are placed with one UFFDIO_COPY.
+fn hugetlb(mode: Mode, access: Access) {
+    let _one_at_a_time = HUGETLB.lock().unwrap_or_else(|p| p.into_inner());
+    let mut case = Case::small(mode, access);
+    case.backing = Backing::HugeTlb;
+    case.region_size = 16 << 20;
+    case.passes = if access == Access::Random { 0 } else { 1 };
+    case.dirty_rate = 2000;
+    let need = 4 * case.region_size / (2 << 20);
+    match free_huge_pages() {
+        Some(free) if free >= need => {}
+        free => {
+            eprintln!(
+                "skipped: {mode:?}/{access:?} on hugetlb needs {need} free 2 MiB pages, {free:?} available \
+                 (echo {need} > /proc/sys/vm/nr_hugepages; .ci/run reserves them)"
+            );
+            return;
+        }
+    }
+    check(case);
+}
+
+#[test]
+fn hugetlb_vanilla_random() {
+    hugetlb(Mode::Vanilla, Access::Random);
+}
+
+#[test]
+fn hugetlb_preempt_random() {
+    hugetlb(Mode::Preempt, Access::Random);
+}
+
+#[test]
+fn hugetlb_preempt_full_random() {
+    hugetlb(Mode::PreemptFull, Access::Random);
+}
+
+#[test]
+fn hugetlb_preempt_full_sequential() {
+    hugetlb(Mode::PreemptFull, Access::Sequential);
+}
+
+#[test]
+fn hugetlb_vanilla_sequential() {
+    hugetlb(Mode::Vanilla, Access::Sequential);
+}
+
+#[test]
+fn hugetlb_preempt_sequential() {
+    hugetlb(Mode::Preempt, Access::Sequential);
+}
+
+/// Transparent huge pages: 2 MiB host pages placed with UFFDIO_MOVE stay huge.
+#[test]
+fn thp_preempt_full_random() {
+    let mut case = Case::small(Mode::PreemptFull, Access::Random);
+    case.backing = Backing::TransparentHuge;
+    case.region_size = 16 << 20;
+    case.passes = 0;
+    check(case);
 }

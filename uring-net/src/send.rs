@@ -308,6 +308,7 @@ pub struct FrameSender {
     hdr_queue: Vec<u8>,
     hdr_head: usize,
     socket_zc_ok: bool,
+    wait_all: bool,
     eventfd: Arc<OwnedFd>,
     waker_armed: bool,
     woken: bool,
@@ -418,6 +419,7 @@ impl FrameSender {
             hdr_queue: Vec::new(),
             hdr_head: 0,
             socket_zc_ok,
+            wait_all: true,
             eventfd,
             waker_armed: false,
             woken: false,
@@ -558,6 +560,14 @@ impl FrameSender {
     /// The socket.
     pub fn stream(&self) -> &Stream {
         &self.stream
+    }
+
+    /// Send with `MSG_WAITALL` (default `true`): the kernel retries a partially sent stream
+    /// send internally (poll-driven) and posts one CQE for the whole send, so short sends are
+    /// rare (errors, signals). With `false`, every partial send comes back as a short CQE and
+    /// the sender resubmits the remainder itself (more CQEs and `io_uring_enter` calls).
+    pub fn set_wait_all(&mut self, wait_all: bool) {
+        self.wait_all = wait_all;
     }
 
     /// The ring setup flags the kernel accepted.
@@ -750,6 +760,33 @@ impl FrameSender {
     }
 
     fn handle_send_cqe(&mut self, key: usize, res: i32, flags: u32) {
+        self.handle_send_cqe_inner(key, res, flags);
+        if self.failed.is_some() {
+            // A failed sender never resubmits: a short send that completed after the failure
+            // ends its op here.
+            self.abandon_idle_ops();
+        }
+    }
+
+    /// Mark every op that the kernel does not hold right now as finished and release it (once
+    /// its notifications are in).
+    fn abandon_idle_ops(&mut self) {
+        let idle: Vec<usize> = self
+            .inflight
+            .iter()
+            .filter(|(_, op)| !op.in_kernel && !op.done)
+            .map(|(k, _)| k)
+            .collect();
+        for k in idle {
+            self.inflight[k].done = true;
+            if self.active == Some(k) {
+                self.active = None;
+            }
+            self.maybe_release(k);
+        }
+    }
+
+    fn handle_send_cqe_inner(&mut self, key: usize, res: i32, flags: u32) {
         let Some(op) = self.inflight.get_mut(key) else {
             error!(key, "CQE for a free in-flight slot");
             return;
@@ -850,6 +887,7 @@ impl FrameSender {
         self.unsealed_segs = 0;
         self.hdr_queue.clear();
         self.hdr_head = 0;
+        self.abandon_idle_ops();
     }
 
     /// Submit the active op's remainder, or start the next batch. Respects the CQ budget.
@@ -907,12 +945,29 @@ impl FrameSender {
             bytes += len;
         }
         let mut op = self.pool.pop().unwrap_or_else(SendOp::new);
-        op.hdrs.reserve_exact(hdr_bytes);
+        // Common case: this send takes every queued header. Then the header queue itself
+        // becomes the op's header arena (no second copy); the op's old, empty vector becomes
+        // the new header queue.
+        let take_all_hdrs =
+            hdr_bytes > 0 && self.hdr_head == 0 && hdr_bytes == self.hdr_queue.len();
+        if take_all_hdrs {
+            std::mem::swap(&mut op.hdrs, &mut self.hdr_queue);
+        } else {
+            op.hdrs.reserve_exact(hdr_bytes);
+        }
+        let mut hdr_off = 0;
         op.iov.reserve(nsegs);
         op.bufs.reserve(nsegs);
         for i in 0..nsegs {
             let seg = self.queue.pop_front().expect("counted in pass 1");
             match seg {
+                Seg::Header(len) if take_all_hdrs => {
+                    op.iov.push(libc::iovec {
+                        iov_base: op.hdrs[hdr_off..].as_ptr() as *mut libc::c_void,
+                        iov_len: len,
+                    });
+                    hdr_off += len;
+                }
                 Seg::Header(len) => {
                     let off = op.hdrs.len();
                     op.hdrs
@@ -983,7 +1038,7 @@ impl FrameSender {
         debug_assert!(remaining > 0);
         let first = op.iov[op.iov_pos];
         let fd = types::Fd(self.fd);
-        let nosig = libc::MSG_NOSIGNAL;
+        let nosig = libc::MSG_NOSIGNAL | if self.wait_all { libc::MSG_WAITALL } else { 0 };
         let single_zc = self.ops.send_zc;
         let entry = if op.zc {
             if remaining == 1 && single_zc {
@@ -1037,6 +1092,7 @@ impl Drop for FrameSender {
         // Make pending sends fail fast, then give the kernel a bounded time to hand every
         // buffer back. Whatever is still referenced afterwards is leaked, never freed early.
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.fail(Failure::Other("sender dropped".into()));
         let deadline = Instant::now() + DROP_WAIT;
         while !self.inflight.is_empty() && Instant::now() < deadline {
             let _ = self.reap();

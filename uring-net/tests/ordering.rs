@@ -14,6 +14,18 @@ fn run(
     submit: SubmitPolicy,
     frames: u64,
 ) -> uring_net::SendStatsSnapshot {
+    run_with(kind, zc, submit, frames, false)
+}
+
+/// `wait_all = false` makes the kernel return every partial send, so the sender's own
+/// short-send resubmission path is exercised.
+fn run_with(
+    kind: Kind,
+    zc: ZeroCopy,
+    submit: SubmitPolicy,
+    frames: u64,
+    wait_all: bool,
+) -> uring_net::SendStatsSnapshot {
     let (tx, rx) = pair(kind);
     set_sndbuf(&tx, 4096);
     let reader = std::thread::spawn(move || verify_reader(rx, 40, Duration::from_millis(2)));
@@ -23,6 +35,7 @@ fn run(
         ..SenderConfig::bulk()
     };
     let mut s = FrameSender::new(tx, cfg).unwrap();
+    s.set_wait_all(wait_all);
     let stats = s.stats();
     let mut expect_bytes = 0u64;
     let start = Instant::now();
@@ -119,6 +132,32 @@ fn tcp_auto_zero_copy_only_for_large_sends() {
     );
     assert!(s.zc_sends > 0, "2 MiB frames must go zero-copy");
     assert!(s.zc_sends < s.sends, "small frames must not go zero-copy");
+}
+
+#[test]
+fn tcp_wait_all_in_order_with_few_short_sends() {
+    let s = run_with(
+        Kind::Tcp,
+        ZeroCopy::Always,
+        SubmitPolicy::Count(4),
+        TCP_FRAMES,
+        true,
+    );
+    assert_eq!(
+        s.short_sends, 0,
+        "MSG_WAITALL: the kernel completes whole sends"
+    );
+}
+
+#[test]
+fn unix_wait_all_in_order() {
+    run_with(
+        Kind::Unix,
+        ZeroCopy::Never,
+        SubmitPolicy::Count(2),
+        FRAMES,
+        true,
+    );
 }
 
 #[test]

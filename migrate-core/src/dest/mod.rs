@@ -63,15 +63,51 @@ pub struct Destination {
     memory: Arc<GuestMemory>,
     config: DestConfig,
     guest_digests: Option<Arc<dyn PreWriteDigests>>,
+    shared: Arc<DestShared>,
+}
+
+/// A snapshot of a destination's progress.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct DestProgress {
+    pub phase: &'static str,
+    pub pages_received: u64,
+    pub total_pages: u64,
+    pub counters: CountersSnapshot,
+}
+
+/// A handle to watch a destination from another thread.
+#[derive(Clone)]
+pub struct DestWatch(Arc<DestShared>);
+
+impl DestWatch {
+    pub fn snapshot(&self) -> DestProgress {
+        DestProgress {
+            phase: self.0.phase().name(),
+            pages_received: self
+                .0
+                .received_count
+                .load(std::sync::atomic::Ordering::Relaxed) as u64,
+            total_pages: self.0.total as u64,
+            counters: self.0.counters.snapshot(),
+        }
+    }
 }
 
 impl Destination {
+    /// One destination runs one migration.
     pub fn new(memory: Arc<GuestMemory>, config: DestConfig) -> Self {
+        let shared = Arc::new(DestShared::new(memory.clone()));
         Self {
             memory,
             config,
             guest_digests: None,
+            shared,
         }
+    }
+
+    /// Progress, readable from any thread while [`Destination::accept`] runs.
+    pub fn watch(&self) -> DestWatch {
+        DestWatch(self.shared.clone())
     }
 
     /// Lets verification account for pages the guest writes after it starts here.
@@ -93,10 +129,7 @@ impl Destination {
             let stream = listener.accept()?;
             stream.set_read_timeout(Some(self.config.timeout))?;
             let mut reader = FrameReader::new(stream, 256 << 10);
-            let (channel, session) = match dest_handshake(&mut reader, &table) {
-                Ok(v) => v,
-                Err(e) => return Err(e),
-            };
+            let (channel, session) = dest_handshake(&mut reader, &table)?;
             let slot = match channel {
                 Channel::Main => &mut main,
                 Channel::Urgent => &mut urgent,
@@ -129,14 +162,20 @@ impl Destination {
     ) -> Result<DestReport, MigrateError> {
         let start = Instant::now();
         urgent.stream().set_read_timeout(None)?;
-        let shared = Arc::new(DestShared::new(self.memory.clone()));
+        let shared = self.shared.clone();
         let ret = Arc::new(Mutex::new(main.stream().try_clone()?));
         let urgent_close = urgent.stream().try_clone()?;
+        let priority = self.config.urgent_priority;
         let urgent_thread = {
             let (shared, table) = (shared.clone(), table.clone());
             std::thread::Builder::new()
                 .name("dst-urgent".into())
-                .spawn(move || urgent_loop(shared, urgent, table))
+                .spawn(move || {
+                    if let Some(p) = priority {
+                        tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "urgent receiver");
+                    }
+                    urgent_loop(shared, urgent, table)
+                })
                 .map_err(|e| MigrateError::Internal(format!("spawn urgent receiver: {e}")))?
         };
         let stop =
@@ -299,15 +338,13 @@ impl Destination {
         if let Some(t) = fault_thread {
             let _ = t.join();
         }
-        let result = result.and_then(|v| {
-            // Release userfaultfd: every page is in place.
-            if let Some(uffd) = shared.uffd.get() {
-                for r in self.memory.regions() {
-                    let _ = uffd.unregister(r.base_addr(), r.len());
-                }
+        // Release userfaultfd once every page is in place. After a failure it stays armed: a
+        // vCPU touching a missing page must wait, never see a zero page.
+        if let (Ok(_), Some(uffd)) = (&result, shared.uffd.get()) {
+            for r in self.memory.regions() {
+                let _ = uffd.unregister(r.base_addr(), r.len());
             }
-            Ok(v)
-        });
+        }
         let msg = match &result {
             Ok(v) => ReturnMsg::Done {
                 verified: v.as_ref().map(|r| r.ok()),
@@ -349,9 +386,17 @@ impl Destination {
             .regions()
             .iter()
             .any(|r| r.backing() == crate::memory::Backing::HugeTlb);
+        let thp = self
+            .memory
+            .regions()
+            .iter()
+            .any(|r| r.backing() == crate::memory::Backing::TransparentHuge);
         let mut features = feature::THREAD_ID;
         if hugetlb {
             features |= feature::MISSING_HUGETLBFS;
+        }
+        if thp {
+            features |= feature::MOVE;
         }
         let uffd = Userfaultfd::open(features)?;
         for r in self.memory.regions() {
@@ -369,6 +414,7 @@ impl Destination {
             return Err(MigrateError::Internal("userfaultfd armed twice".into()));
         }
         shared.set_phase(DestPhase::Armed);
+        let priority = self.config.urgent_priority;
         let ft = fault::FaultThread {
             shared: shared.clone(),
             ret,
@@ -376,7 +422,12 @@ impl Destination {
         };
         std::thread::Builder::new()
             .name("dst-fault".into())
-            .spawn(move || ft.run())
+            .spawn(move || {
+                if let Some(p) = priority {
+                    tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "fault thread");
+                }
+                ft.run()
+            })
             .map_err(|e| MigrateError::Internal(format!("spawn fault thread: {e}")))
     }
 }

@@ -21,7 +21,7 @@ pub(crate) fn place_record(
     lane: Lane,
 ) -> Result<(), MigrateError> {
     let reg = shared.memory.regions()[region as usize].clone();
-    let buf = staging.get(len as usize)?;
+    let buf = staging.get(len as usize, reg.backing())?;
     reader.read_exact(buf)?;
     shared.place(&reg, offset as usize, buf, lane)
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::bitmap::AtomicBitmap;
 use crate::error::MigrateError;
-use crate::memory::{GuestMemory, GuestRegion, Mapping};
+use crate::memory::{Backing, GuestMemory, GuestRegion, Mapping, HUGE_PAGE_SIZE};
 use crate::protocol::DestPhase;
 use crate::stats::{Counters, Lane, LatencyHistogram};
 use crate::uffd::Userfaultfd;
@@ -170,7 +170,13 @@ impl DestShared {
             MigrateError::Internal("placement before userfaultfd was armed".into())
         })?;
         let page = region.host_page_size();
-        let placed = uffd.copy(region.base_addr() + offset, data, page, true)?;
+        let dst = region.base_addr() + offset;
+        let placed = if region.backing() == Backing::TransparentHuge {
+            // `data` is a THP staging buffer (see Staging): its pages move, whole.
+            uffd.move_pages(dst, data.as_ptr() as usize, data.len(), page, true)?
+        } else {
+            uffd.copy(dst, data, page, true)?
+        };
         let pages = data.len() / page;
         let skipped = pages - placed / page;
         if skipped > 0 {
@@ -204,27 +210,33 @@ impl DestShared {
     }
 }
 
-/// A page-aligned buffer that a receiver reads payloads into before placing them.
+/// Page-aligned buffers a receiver reads payloads into before placing them: a plain one for
+/// `UFFDIO_COPY`, and a THP-aligned one for `UFFDIO_MOVE` into transparent-huge-page regions
+/// (moving a whole 2 MiB page keeps it huge; copying would split it into 512 small pages).
 pub(crate) struct Staging {
-    map: Option<Mapping>,
+    copy: Option<Mapping>,
+    thp: Option<Mapping>,
 }
 
 impl Staging {
     pub fn new() -> Self {
-        Self { map: None }
+        Self {
+            copy: None,
+            thp: None,
+        }
     }
 
-    /// A page-aligned buffer of exactly `len` bytes (the mapping grows on demand).
-    pub fn get(&mut self, len: usize) -> Result<&mut [u8], MigrateError> {
-        if self.map.as_ref().map_or(true, |m| m.len() < len) {
-            let size = len.next_power_of_two().max(2 << 20);
-            self.map = Some(Mapping::new(
-                "staging",
-                size,
-                crate::memory::Backing::Anonymous,
-            )?);
+    /// A buffer of exactly `len` bytes for a record of a region with `backing`.
+    pub fn get(&mut self, len: usize, backing: Backing) -> Result<&mut [u8], MigrateError> {
+        let (slot, kind) = match backing {
+            Backing::TransparentHuge => (&mut self.thp, Backing::TransparentHuge),
+            _ => (&mut self.copy, Backing::Anonymous),
+        };
+        if slot.as_ref().is_none_or(|m| m.len() < len) {
+            let size = len.next_power_of_two().max(HUGE_PAGE_SIZE);
+            *slot = Some(Mapping::new("staging", size, kind)?);
         }
-        let m = self.map.as_ref().expect("just allocated");
+        let m = slot.as_ref().expect("just allocated");
         // SAFETY: the mapping is private to this Staging, at least `len` bytes long and mapped
         // read/write for as long as `self` lives; `&mut self` makes this the only reference.
         Ok(unsafe { std::slice::from_raw_parts_mut(m.as_ptr(), len) })

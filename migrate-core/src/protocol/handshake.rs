@@ -89,7 +89,7 @@ impl RegionTable {
                 )));
             }
             let p = r.host_page_size as u64;
-            if !p.is_power_of_two() || p < 4096 || p > (1 << 30) {
+            if !p.is_power_of_two() || !(4096..=(1 << 30)).contains(&p) {
                 return Err(ProtocolError::Handshake(format!(
                     "region {:?}: bad host page size {p}",
                     r.name
@@ -127,7 +127,7 @@ impl RegionTable {
         if len == 0 {
             return Err(ProtocolError::Empty { what: "page range" });
         }
-        if offset % page != 0 || len % page != 0 {
+        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) {
             return Err(ProtocolError::Misaligned {
                 region: id,
                 offset,

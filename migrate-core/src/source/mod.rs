@@ -168,9 +168,15 @@ impl Source {
             max_record_bytes: cfg.max_record_bytes,
             timeout: cfg.timeout,
         };
+        let priority = cfg.urgent_priority;
         let rp_thread = std::thread::Builder::new()
             .name("src-return-path".into())
-            .spawn(move || rp.run())
+            .spawn(move || {
+                if let Some(p) = priority {
+                    tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "return-path thread");
+                }
+                rp.run()
+            })
             .map_err(|e| MigrateError::Internal(format!("spawn return-path thread: {e}")))?;
 
         let mut scanner = Scanner {

@@ -70,6 +70,8 @@ impl Scanner {
             if self.bulk.backlog_bytes() <= self.config.bulk_backlog {
                 return Ok(());
             }
+            // Everything queued must be on its way before we sleep on its completion.
+            self.bulk.flush()?;
             self.bulk.wait(Some(Duration::from_millis(50)))?;
             self.check_failed()?;
         }
@@ -224,7 +226,7 @@ impl Scanner {
         dirty.start(&self.memory)?;
         self.progress.set_phase(SourcePhase::Precopy);
         let mut passes = 0;
-        while limits.max_passes > 0 {
+        while passes < limits.max_passes {
             passes += 1;
             self.progress.pass.store(passes as u64, Relaxed);
             self.progress
