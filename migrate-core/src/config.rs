@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use uring_net::{SenderConfig, SocketOptions};
 
+use crate::protocol::AuthKey;
+
 /// How the source sends pages the destination asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -63,6 +65,26 @@ impl Default for PrecopyLimits {
     }
 }
 
+/// How a source retries after a broken connection in postcopy.
+#[derive(Clone, Debug)]
+pub struct ReconnectPolicy {
+    /// Attempts per break (0: fail instead of pausing).
+    pub retries: u32,
+    /// Wait before the first attempt; doubled each time up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        Self {
+            retries: 20,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Source settings.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -86,6 +108,13 @@ pub struct SourceConfig {
     /// Run the return-path thread at this `SCHED_FIFO` priority (falls back to nice -10 where
     /// not permitted); `None` leaves default scheduling.
     pub urgent_priority: Option<i32>,
+    /// Pre-shared key: both sides prove possession on every connection.
+    pub key: Option<AuthKey>,
+    pub reconnect: ReconnectPolicy,
+    /// A ping goes to the destination this often.
+    pub heartbeat: Duration,
+    /// A connection with no traffic from the peer for this long is broken.
+    pub link_timeout: Duration,
 }
 
 impl Default for SourceConfig {
@@ -107,6 +136,10 @@ impl Default for SourceConfig {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             urgent_priority: Some(10),
+            key: None,
+            reconnect: ReconnectPolicy::default(),
+            heartbeat: Duration::from_millis(500),
+            link_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -122,6 +155,12 @@ pub struct DestConfig {
     /// Run the fault thread and the urgent receiver at this `SCHED_FIFO` priority (falls back
     /// to nice -10 where not permitted); `None` leaves default scheduling.
     pub urgent_priority: Option<i32>,
+    /// Pre-shared key: no connection is accepted without proof of it.
+    pub key: Option<AuthKey>,
+    /// A connection with no traffic from the source for this long is broken.
+    pub link_timeout: Duration,
+    /// How long a paused postcopy waits for the source to reconnect.
+    pub resume_timeout: Duration,
 }
 
 impl Default for DestConfig {
@@ -133,6 +172,9 @@ impl Default for DestConfig {
             urgent_socket: SocketOptions::for_role(uring_net::Role::Urgent),
             timeout: Duration::from_secs(30),
             urgent_priority: Some(10),
+            key: None,
+            link_timeout: Duration::from_secs(5),
+            resume_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -24,6 +24,8 @@ pub enum MigrateError {
     Cancelled(String),
     #[error("the peer failed: {0}")]
     Remote(String),
+    #[error("connection lost: {0}")]
+    Link(String),
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("internal: {0}")]
@@ -31,9 +33,9 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
-    /// The same error for a second observer (errors are reported by the thread that saw them
-    /// and by the thread that waits for the migration).
-    pub(crate) fn duplicate(&self) -> MigrateError {
-        MigrateError::Internal(self.to_string())
+    /// A broken or silent connection (as opposed to a peer that misbehaved or failed): in
+    /// postcopy the migration pauses and resumes over new connections.
+    pub fn is_link_failure(&self) -> bool {
+        matches!(self, MigrateError::Net(_) | MigrateError::Link(_))
     }
 }

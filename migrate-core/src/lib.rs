@@ -23,7 +23,7 @@ pub mod uffd;
 pub mod verify;
 pub mod workload;
 
-pub use config::{DestConfig, Mode, PrecopyLimits, SourceConfig};
+pub use config::{DestConfig, Mode, PrecopyLimits, ReconnectPolicy, SourceConfig};
 pub use dest::{DestControl, DestProgress, DestReport, DestWatch, Destination};
 pub use error::MigrateError;
 pub use memory::{Backing, GuestMemory, GuestRegion, RegionSpec};

@@ -162,3 +162,245 @@ pub fn assert_identical(o: &Outcome) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the adversarial tests (hostile.rs, disconnect.rs): a real destination accepting in
+// its own thread, raw "fake sources" speaking hand-made bytes, and memory checks.
+
+/// Two zeroed anonymous regions ("ram-low", "ram-high") of `region_size` bytes each.
+pub fn zeroed_memory(region_size: usize) -> Arc<GuestMemory> {
+    Arc::new(
+        GuestMemory::allocate(&[
+            RegionSpec {
+                name: "ram-low".into(),
+                size: region_size,
+                backing: Backing::Anonymous,
+            },
+            RegionSpec {
+                name: "ram-high".into(),
+                size: region_size,
+                backing: Backing::Anonymous,
+            },
+        ])
+        .expect("allocate guest memory"),
+    )
+}
+
+/// The first non-zero byte of guest memory as `(region name, offset)`, or `None` if all of it
+/// is zero. Only resident host pages are read (a page never written is not resident and reads
+/// as zero), so this never faults on a page still registered with userfaultfd.
+pub fn first_nonzero(memory: &GuestMemory) -> Option<(String, usize)> {
+    for r in memory.regions() {
+        let page = r.host_page_size();
+        let mut buf = vec![0u8; page];
+        for hp in 0..r.host_pages() {
+            if !r.is_populated(hp * page).unwrap_or(true) {
+                continue;
+            }
+            r.read_into(hp * page, &mut buf).expect("read guest page");
+            if let Some(i) = buf.iter().position(|&b| b != 0) {
+                return Some((r.name().to_owned(), hp * page + i));
+            }
+        }
+    }
+    None
+}
+
+/// A destination for adversarial tests: short timeouts, no real-time priority.
+pub fn test_dest_config() -> DestConfig {
+    DestConfig {
+        timeout: Duration::from_secs(20),
+        urgent_priority: None,
+        ..DestConfig::default()
+    }
+}
+
+/// A real [`Destination::accept`] running in its own thread on a loopback listener.
+pub struct DestUnderTest {
+    pub endpoint: Endpoint,
+    pub memory: Arc<GuestMemory>,
+    /// Set once the destination's `run` callback (the guest start) was called.
+    pub ran: Arc<std::sync::atomic::AtomicBool>,
+    rx: std::sync::mpsc::Receiver<Result<DestReport, String>>,
+}
+
+impl DestUnderTest {
+    pub fn start(memory: Arc<GuestMemory>, config: DestConfig) -> Self {
+        let (listener, endpoint) = loopback_listener();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mem, flag) = (memory.clone(), ran.clone());
+        std::thread::Builder::new()
+            .name("dest-under-test".into())
+            .spawn(move || {
+                let d = Destination::new(mem, config);
+                let mut run = move || flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                let r = d.accept(&listener, &mut run).map_err(|e| e.to_string());
+                // Dropping the destination closes its userfaultfd, so memory can be inspected.
+                drop(d);
+                let _ = tx.send(r);
+            })
+            .expect("spawn destination thread");
+        Self {
+            endpoint,
+            memory,
+            ran,
+            rx,
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        match &self.endpoint {
+            Endpoint::Tcp(a) => *a,
+            e => panic!("not a TCP endpoint: {e}"),
+        }
+    }
+
+    /// Waits for `accept` to return. Panics if it has not returned within `deadline` (a hang)
+    /// or if the destination thread panicked.
+    pub fn finish(&self, deadline: Duration) -> Result<DestReport, String> {
+        use std::sync::mpsc::RecvTimeoutError;
+        match self.rx.recv_timeout(deadline) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("Destination::accept did not return within {deadline:?} (hang)")
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("the destination thread panicked"),
+        }
+    }
+
+    /// Like [`finish`](Self::finish), but expects an error and returns its text.
+    pub fn expect_err(&self, deadline: Duration) -> String {
+        match self.finish(deadline) {
+            Ok(r) => panic!("Destination::accept succeeded on bad input: {r:?}"),
+            Err(e) => e,
+        }
+    }
+}
+
+/// Connects a raw TCP client (a fake source or a fake second peer) with a 10 s read timeout.
+pub fn raw_connect(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(addr).expect("connect to the destination");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads one hello reply; `None` if the peer closed (or reset) before a whole reply arrived.
+pub fn read_reply(stream: &mut std::net::TcpStream) -> Option<migrate_core::protocol::HelloReply> {
+    use migrate_core::protocol::handshake::REPLY_HEADER_LEN;
+    use migrate_core::protocol::HelloReply;
+    use std::io::Read;
+    let mut hdr = [0u8; REPLY_HEADER_LEN];
+    stream.read_exact(&mut hdr).ok()?;
+    let len = HelloReply::message_len(&hdr).expect("destination sent a malformed reply");
+    let mut msg = vec![0u8; len];
+    stream.read_exact(&mut msg).ok()?;
+    Some(HelloReply::decode(&hdr, &msg).expect("destination sent a malformed reply"))
+}
+
+/// The source side of the handshake over raw bytes: sends `hello` and, if the destination takes
+/// it, reads its challenge and answers with an all-zero proof (no key). Returns the first
+/// refusal, or the final verdict; `None` if the destination hung up without one.
+pub fn raw_handshake(
+    stream: &mut std::net::TcpStream,
+    hello: &[u8],
+) -> Option<migrate_core::protocol::HelloReply> {
+    use migrate_core::protocol::auth::PROOF_LEN;
+    use migrate_core::protocol::handshake::CHALLENGE_LEN;
+    use migrate_core::protocol::ReplyStatus;
+    use std::io::{Read, Write};
+    stream.write_all(hello).expect("send hello");
+    let first = read_reply(stream)?;
+    if first.status != ReplyStatus::Ok {
+        return Some(first);
+    }
+    let mut challenge = [0u8; CHALLENGE_LEN];
+    stream.read_exact(&mut challenge).ok()?;
+    stream.write_all(&[0u8; PROOF_LEN]).ok()?;
+    read_reply(stream)
+}
+
+/// A raw source that has completed both handshakes with `session`.
+pub struct FakeSource {
+    pub main: std::net::TcpStream,
+    pub urgent: std::net::TcpStream,
+    pub table: migrate_core::protocol::RegionTable,
+}
+
+impl FakeSource {
+    /// Connects main then urgent and handshakes both with the destination's own region table.
+    pub fn connect(dest: &DestUnderTest, session: u64) -> Self {
+        use migrate_core::protocol::{Channel, Hello, ReplyStatus};
+        let table = migrate_core::handshake::region_table(&dest.memory);
+        let mut main = raw_connect(dest.addr());
+        let r = raw_handshake(
+            &mut main,
+            &Hello::new(Channel::Main, session, table.clone()).encode(),
+        );
+        assert_eq!(r.map(|r| r.status), Some(ReplyStatus::Ok), "main handshake");
+        let mut urgent = raw_connect(dest.addr());
+        let r = raw_handshake(
+            &mut urgent,
+            &Hello::new(Channel::Urgent, session, table.clone()).encode(),
+        );
+        assert_eq!(
+            r.map(|r| r.status),
+            Some(ReplyStatus::Ok),
+            "urgent handshake"
+        );
+        Self {
+            main,
+            urgent,
+            table,
+        }
+    }
+
+    /// Writes a record header and its payload on the main channel (errors ignored: the
+    /// destination may already have hung up).
+    pub fn send_main(&mut self, header: &[u8], payload: &[u8]) {
+        use std::io::Write;
+        let _ = self.main.write_all(header);
+        let _ = self.main.write_all(payload);
+    }
+
+    pub fn send_urgent(&mut self, header: &[u8], payload: &[u8]) {
+        use std::io::Write;
+        let _ = self.urgent.write_all(header);
+        let _ = self.urgent.write_all(payload);
+    }
+
+    /// Reads the destination's final return-path message on the main channel: `Ok(message)` for
+    /// an error report, `Err(description)` for anything else.
+    pub fn read_return_error(&mut self) -> Result<String, String> {
+        use migrate_core::protocol::{ReturnMsg, RETURN_HEADER_LEN};
+        use std::io::Read;
+        let mut hdr = [0u8; RETURN_HEADER_LEN];
+        self.main
+            .read_exact(&mut hdr)
+            .map_err(|e| format!("no return-path message: {e}"))?;
+        match ReturnMsg::decode(&hdr, &self.table) {
+            Ok(ReturnMsg::Error { len }) => {
+                let mut msg = vec![0u8; len as usize];
+                self.main
+                    .read_exact(&mut msg)
+                    .map_err(|e| format!("truncated error message: {e}"))?;
+                Ok(String::from_utf8_lossy(&msg).into_owned())
+            }
+            other => Err(format!("expected an error message, got {other:?}")),
+        }
+    }
+}
+
+impl DestUnderTest {
+    /// `Some(result)` if `accept` returned within `wait`, `None` if it is still running.
+    /// Panics if the destination thread panicked.
+    pub fn try_finish(&self, wait: Duration) -> Option<Result<DestReport, String>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        match self.rx.recv_timeout(wait) {
+            Ok(r) => Some(r),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => panic!("the destination thread panicked"),
+        }
+    }
+}

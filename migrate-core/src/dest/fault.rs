@@ -15,7 +15,9 @@ use crate::uffd::Event;
 
 pub(crate) struct FaultThread {
     pub shared: Arc<DestShared>,
-    pub ret: Arc<Mutex<Stream>>,
+    /// The return path; `None` while the connection is broken (requests then stay pending and
+    /// are re-sent on resume).
+    pub ret: Arc<Mutex<Option<Stream>>>,
     pub stop: Arc<EventFd>,
 }
 
@@ -86,10 +88,15 @@ impl FaultThread {
                 shared.counters.requests.fetch_add(1, Relaxed);
             }
             if !out.is_empty() {
-                let stream = self.ret.lock().unwrap_or_else(|p| p.into_inner());
-                (&*stream)
-                    .write_all(&out)
-                    .map_err(|e| MigrateError::Net(uring_net::NetError::from_io(e, false)))?;
+                let mut ret = self.ret.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(stream) = ret.as_ref() {
+                    if let Err(e) = (&*stream).write_all(&out) {
+                        // Pause, don't fail: the requests stay pending for the resume.
+                        *ret = None;
+                        shared
+                            .link_failed(MigrateError::Net(uring_net::NetError::from_io(e, false)));
+                    }
+                }
             }
         }
     }

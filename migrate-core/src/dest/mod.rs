@@ -18,17 +18,17 @@ use uring_net::{FrameReader, Listener, Stream};
 use crate::config::DestConfig;
 use crate::error::MigrateError;
 use crate::eventfd::EventFd;
-use crate::handshake::{dest_handshake, refuse, region_table};
-use crate::memory::GuestMemory;
+use crate::handshake::{dest_handshake, region_table};
+use crate::memory::{Backing, GuestMemory};
 use crate::protocol::{
-    Channel, DestPhase, DiscardEntry, PhaseAction, ProtocolError, Record, RegionTable, ReturnMsg,
-    RECORD_HEADER_LEN,
+    Channel, DestPhase, DiscardEntry, Hello, PhaseAction, ProtocolError, Record, RegionTable,
+    ReturnMsg, RECORD_HEADER_LEN,
 };
 use crate::stats::{CountersSnapshot, Lane, LatencySummary};
 use crate::uffd::{feature, RegisterMode, Userfaultfd};
 use crate::verify::{verify, DigestTable, PreWriteDigests, VerifyReport};
 use receive::{place_record, urgent_loop};
-use state::{DestShared, Staging};
+use state::{DestShared, Event, Staging};
 
 /// What the VMM does when the source lets the guest run.
 pub trait DestControl: Send {
@@ -70,6 +70,8 @@ pub struct Destination {
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct DestProgress {
     pub phase: &'static str,
+    /// Postcopy lost its connection and waits for the source to reconnect.
+    pub paused: bool,
     pub pages_received: u64,
     pub total_pages: u64,
     pub counters: CountersSnapshot,
@@ -83,6 +85,7 @@ impl DestWatch {
     pub fn snapshot(&self) -> DestProgress {
         DestProgress {
             phase: self.0.phase().name(),
+            paused: self.0.paused.load(std::sync::atomic::Ordering::Acquire),
             pages_received: self
                 .0
                 .received_count
@@ -116,286 +119,446 @@ impl Destination {
         self
     }
 
-    /// Accepts the main and urgent connections of one migration on `listener` and runs it.
+    /// Accepts the main and urgent connections of one migration on `listener` and runs it to
+    /// completion. A connection that breaks during postcopy pauses the migration (vCPUs that
+    /// touch missing pages wait) until the source reconnects on the same listener.
     pub fn accept(
         &self,
         listener: &Listener,
         control: &mut dyn DestControl,
     ) -> Result<DestReport, MigrateError> {
-        let table = region_table(&self.memory);
-        let mut main: Option<(FrameReader, u64)> = None;
-        let mut urgent: Option<(FrameReader, u64)> = None;
-        while main.is_none() || urgent.is_none() {
-            let stream = listener.accept()?;
-            stream.set_read_timeout(Some(self.config.timeout))?;
-            let mut reader = FrameReader::new(stream, 256 << 10);
-            let (channel, session) = dest_handshake(&mut reader, &table)?;
-            let slot = match channel {
-                Channel::Main => &mut main,
-                Channel::Urgent => &mut urgent,
-            };
-            if slot.is_some() {
-                let e = ProtocolError::DuplicateChannel(channel.name());
-                refuse(reader.stream(), &e);
-                return Err(e.into());
-            }
-            *slot = Some((reader, session));
-        }
-        let ((main, s1), (urgent, s2)) = (main.expect("loop ran"), urgent.expect("loop ran"));
-        if s1 != s2 {
-            return Err(ProtocolError::Handshake(
-                "main and urgent connections belong to different migrations".into(),
-            )
-            .into());
-        }
-        self.config.main_socket.apply(main.stream())?;
-        self.config.urgent_socket.apply(urgent.stream())?;
-        self.run(main, urgent, table, control)
-    }
-
-    fn run(
-        &self,
-        mut main: FrameReader,
-        urgent: FrameReader,
-        table: RegionTable,
-        control: &mut dyn DestControl,
-    ) -> Result<DestReport, MigrateError> {
         let start = Instant::now();
-        urgent.stream().set_read_timeout(None)?;
+        let table = region_table(&self.memory);
+        let mut link = self.accept_link(listener, &table, None)?;
+        let session = link.session;
         let shared = self.shared.clone();
-        let ret = Arc::new(Mutex::new(main.stream().try_clone()?));
-        let urgent_close = urgent.stream().try_clone()?;
-        let priority = self.config.urgent_priority;
-        let urgent_thread = {
-            let (shared, table) = (shared.clone(), table.clone());
-            std::thread::Builder::new()
-                .name("dst-urgent".into())
-                .spawn(move || {
+        let ret: Arc<Mutex<Option<Stream>>> =
+            Arc::new(Mutex::new(Some(link.main.stream().try_clone()?)));
+        let stop =
+            Arc::new(EventFd::new().map_err(|e| MigrateError::Internal(format!("eventfd: {e}")))?);
+        let main_state = Mutex::new(MainState {
+            digests: DigestTable::new(&table),
+            got_digests: false,
+            fault_thread: None,
+            run_at: None,
+            huge_at_run: None,
+        });
+
+        let result = loop {
+            shared.new_link();
+            let closers = [
+                link.main.stream().try_clone()?,
+                link.urgent.stream().try_clone()?,
+            ];
+            let Link { main, urgent, .. } = link;
+            let event = std::thread::scope(|s| {
+                let priority = self.config.urgent_priority;
+                let (shared_u, table_u) = (&*shared, &table);
+                s.spawn(move || {
                     if let Some(p) = priority {
                         tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "urgent receiver");
                     }
-                    urgent_loop(shared, urgent, table)
-                })
-                .map_err(|e| MigrateError::Internal(format!("spawn urgent receiver: {e}")))?
-        };
-        let stop =
-            Arc::new(EventFd::new().map_err(|e| MigrateError::Internal(format!("eventfd: {e}")))?);
-        let mut fault_thread = None;
-        let mut run_at = None;
-        let mut huge_at_run = None;
-        let mut digests = DigestTable::new(&table);
-        let mut got_digests = false;
-
-        let result = (|| -> Result<Option<VerifyReport>, MigrateError> {
-            let mut phase = DestPhase::Precopy;
-            let mut staging = Staging::new();
-            let mut payload = Vec::new();
-            loop {
-                if shared.failed() {
-                    break;
-                }
-                let Some(hdr) = main.read_header::<RECORD_HEADER_LEN>()? else {
-                    return Err(MigrateError::Remote(format!(
-                        "the source closed the main channel during {}",
-                        phase.name()
-                    )));
-                };
-                let rec = Record::decode(&hdr, &table)?;
-                let action = phase.on_main(&rec)?;
-                match (action, rec) {
-                    (
-                        PhaseAction::WriteDirect,
-                        Record::Pages {
-                            region,
-                            offset,
-                            len,
-                        },
-                    ) => {
-                        let reg = &self.memory.regions()[region as usize];
-                        let ptr = reg.ptr_at(offset as usize, len as usize)?;
-                        // SAFETY: `ptr_at` checked [offset, offset+len) lies inside the region,
-                        // which stays mapped while `self.memory` lives; before postcopy no other
-                        // thread writes guest memory.
-                        unsafe { main.read_exact_raw(ptr, len as usize)? };
-                        let page = reg.host_page_size();
-                        shared.counters.add_pages(
-                            Lane::Bulk,
-                            (len as usize / page) as u64,
-                            len as u64,
-                        );
-                        shared.mark_received(
-                            region as usize,
-                            offset as usize / page,
-                            len as usize / page,
-                        );
+                    urgent_loop(shared_u, urgent, table_u)
+                });
+                let (ms, ret_m, stop_m, table_m) = (&main_state, &ret, &stop, &table);
+                let control = &mut *control;
+                s.spawn(move || {
+                    if let Err(e) = self.main_loop(main, table_m, ms, ret_m, stop_m, control) {
+                        self.shared.report(e);
                     }
-                    (
-                        PhaseAction::ZeroDirect,
-                        Record::Zero {
-                            region,
-                            offset,
-                            len,
-                        },
-                    ) => {
-                        let reg = &self.memory.regions()[region as usize];
-                        let page = reg.host_page_size();
-                        let first = offset as usize / page;
-                        for hp in first..first + len as usize / page {
-                            // Never-written pages of a fresh mapping read as zero already.
-                            if shared.received[region as usize].test(hp) {
-                                reg.fill_zero(hp * page, page)?;
+                });
+                let event = shared.wait_event();
+                let event = match event {
+                    Event::Complete => Event::Done(self.finish(&main_state, &ret)),
+                    e => e,
+                };
+                // Unblock both receivers so the scope can end (after Done the source closes
+                // its side too; data already written is still delivered).
+                for c in &closers {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+                event
+            });
+            match event {
+                Event::Done(verify) => break Ok(verify),
+                Event::Complete => unreachable!("turned into Done above"),
+                Event::Fatal(e) => {
+                    send_on(&ret, &ReturnMsg::encode_error(&e.to_string()));
+                    break Err(e);
+                }
+                Event::LinkFailed(e)
+                    if shared.phase().is_postcopy() || shared.phase() == DestPhase::Ended =>
+                {
+                    tracing::warn!(error = %e, "postcopy paused: waiting for the source to reconnect");
+                    *ret.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    shared
+                        .paused
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    match self.resume(listener, &table, session, &ret) {
+                        Ok(l) => {
+                            shared
+                                .paused
+                                .store(false, std::sync::atomic::Ordering::Release);
+                            link = l;
+                            if shared.phase() == DestPhase::Armed {
+                                // The source sent Run right behind Postcopy before the break.
+                                shared.set_phase(DestPhase::Running);
+                                let mut st = main_state.lock().unwrap_or_else(|p| p.into_inner());
+                                st.run_at = Some(Instant::now());
+                                st.huge_at_run = self.memory.anon_huge_bytes();
+                                drop(st);
+                                control.run();
                             }
                         }
-                        shared.counters.zero_pages.fetch_add(
-                            (len as usize / page) as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        shared.mark_received(region as usize, first, len as usize / page);
+                        Err(e2) => break Err(e2),
                     }
-                    (PhaseAction::Discard, Record::Discard { count }) => {
-                        payload.resize(rec.payload_len(), 0);
-                        main.read_exact(&mut payload)?;
-                        for chunk in payload
-                            .chunks(crate::protocol::record::DISCARD_ENTRY_LEN)
-                            .take(count as usize)
-                        {
-                            let (e, bytes) = DiscardEntry::decode(chunk, &table)?;
-                            let reg = &self.memory.regions()[e.region as usize];
-                            reg.discard(e.offset as usize, bytes as usize)?;
-                            let page = reg.host_page_size();
-                            shared.mark_discarded(
-                                e.region as usize,
-                                e.offset as usize / page,
-                                e.pages as usize,
-                            );
-                            shared
-                                .counters
-                                .discarded_pages
-                                .fetch_add(e.pages as u64, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    (PhaseAction::Arm, _) => {
-                        fault_thread = Some(self.arm(&shared, ret.clone(), stop.clone())?);
-                    }
-                    (PhaseAction::Run, _) => {
-                        shared.set_phase(DestPhase::Running);
-                        huge_at_run = self.memory.anon_huge_bytes();
-                        run_at = Some(Instant::now());
-                        control.run();
-                    }
-                    (
-                        PhaseAction::Place,
-                        Record::Pages {
-                            region,
-                            offset,
-                            len,
-                        },
-                    ) => {
-                        place_record(
-                            &shared,
-                            &mut main,
-                            &mut staging,
-                            region,
-                            offset,
-                            len,
-                            Lane::Bulk,
-                        )?;
-                    }
-                    (
-                        PhaseAction::PlaceZero,
-                        Record::Zero {
-                            region,
-                            offset,
-                            len,
-                        },
-                    ) => {
-                        let reg = self.memory.regions()[region as usize].clone();
-                        shared.place_zero(&reg, offset as usize, len as usize)?;
-                    }
-                    (PhaseAction::StoreDigests, Record::Digests { region, offset, .. }) => {
-                        payload.resize(rec.payload_len(), 0);
-                        main.read_exact(&mut payload)?;
-                        let page = self.memory.regions()[region as usize].host_page_size();
-                        let values: Vec<u64> = payload
-                            .chunks_exact(8)
-                            .map(|c| u64::from_le_bytes(c.try_into().expect("chunks of 8")))
-                            .collect();
-                        digests.store(region, offset as usize / page, &values);
-                        got_digests = true;
-                    }
-                    (PhaseAction::End, _) => {
-                        shared.set_phase(DestPhase::Ended);
-                        break;
-                    }
-                    _ => {}
+                }
+                Event::LinkFailed(e) => {
+                    break Err(MigrateError::Cancelled(format!(
+                        "the connection broke during precopy: {e}"
+                    )));
                 }
             }
-            shared.wait_complete(self.config.timeout * 4)?;
-            Ok(got_digests.then(|| verify(&self.memory, &digests, self.guest_digests.as_deref())))
-        })();
+        };
 
         stop.notify();
-        if let Some(t) = fault_thread {
+        let mut st = main_state.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = st.fault_thread.take() {
             let _ = t.join();
         }
-        // Release userfaultfd once every page is in place. After a failure it stays armed: a
-        // vCPU touching a missing page must wait, never see a zero page.
-        if let (Ok(_), Some(uffd)) = (&result, shared.uffd.get()) {
-            for r in self.memory.regions() {
-                let _ = uffd.unregister(r.base_addr(), r.len());
-            }
-        }
-        let msg = match &result {
-            Ok(v) => ReturnMsg::Done {
-                verified: v.as_ref().map(|r| r.ok()),
-            }
-            .encode()
-            .to_vec(),
-            Err(e) => ReturnMsg::encode_error(&e.to_string()),
-        };
-        {
-            let stream = ret.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = (&*stream).write_all(&msg);
-        }
-        // The source closes both channels after Done; make sure the urgent receiver ends anyway.
-        let _ = urgent_close.set_read_timeout(Some(Duration::from_secs(5)));
-        if result.is_err() {
-            let _ = urgent_close.shutdown(std::net::Shutdown::Both);
-        }
-        let _ = urgent_thread.join();
         let verify = result?;
         Ok(DestReport {
             counters: shared.counters.snapshot(),
             latency: shared.latency.summary(),
             verify,
             total_ms: start.elapsed().as_secs_f64() * 1e3,
-            postcopy_ms: run_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
-            anon_huge_bytes: (huge_at_run, self.memory.anon_huge_bytes()),
+            postcopy_ms: st.run_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+            anon_huge_bytes: (st.huge_at_run, self.memory.anon_huge_bytes()),
         })
+    }
+
+    /// Accepts a main and an urgent connection that pass the handshake. `resume_of` is the
+    /// session of a paused migration: only resuming connections of that session are admitted,
+    /// and connections that fail their handshake are turned away without ending the wait.
+    fn accept_link(
+        &self,
+        listener: &Listener,
+        table: &RegionTable,
+        resume_of: Option<u64>,
+    ) -> Result<Link, MigrateError> {
+        let mut main: Option<FrameReader> = None;
+        let mut urgent: Option<FrameReader> = None;
+        let mut session = resume_of;
+        let deadline = resume_of.map(|_| Instant::now() + self.config.resume_timeout);
+        while main.is_none() || urgent.is_none() {
+            let stream = match deadline {
+                None => listener.accept()?,
+                Some(d) => accept_until(listener, d)?,
+            };
+            stream.set_read_timeout(Some(self.config.timeout))?;
+            let mut reader = FrameReader::new(stream, 256 << 10);
+            let admit = |h: &Hello| {
+                match resume_of {
+                    Some(s) if !h.resume() || h.session != s => {
+                        return Err(ProtocolError::NotPaused(format!(
+                            "a migration (session {s:#x}) is paused here; only its source can resume it"
+                        )))
+                    }
+                    None if h.resume() => {
+                        return Err(ProtocolError::NotPaused("no migration is paused here".into()))
+                    }
+                    _ => {}
+                }
+                if let Some(s) = session {
+                    if h.session != s {
+                        return Err(ProtocolError::Session(
+                            "main and urgent connections belong to different migrations".into(),
+                        ));
+                    }
+                }
+                let taken = match h.channel {
+                    Channel::Main => main.is_some(),
+                    Channel::Urgent => urgent.is_some(),
+                };
+                if taken {
+                    return Err(ProtocolError::DuplicateChannel(h.channel.name()));
+                }
+                Ok(())
+            };
+            let hello = match dest_handshake(&mut reader, table, self.config.key.as_ref(), admit) {
+                Ok(h) => h,
+                Err(e) if resume_of.is_some() => {
+                    tracing::warn!(error = %e, "turned away a connection while paused");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            session = Some(hello.session);
+            let apply = match hello.channel {
+                Channel::Main => &self.config.main_socket,
+                Channel::Urgent => &self.config.urgent_socket,
+            };
+            apply.apply(reader.stream())?;
+            match hello.channel {
+                Channel::Main => {
+                    reader
+                        .stream()
+                        .set_read_timeout(Some(self.config.link_timeout))?;
+                    reader
+                        .stream()
+                        .set_write_timeout(Some(self.config.link_timeout))?;
+                    main = Some(reader)
+                }
+                Channel::Urgent => {
+                    reader.stream().set_read_timeout(None)?;
+                    urgent = Some(reader)
+                }
+            }
+        }
+        Ok(Link {
+            main: main.expect("loop ran"),
+            urgent: urgent.expect("loop ran"),
+            session: session.expect("a hello set it"),
+        })
+    }
+
+    /// Waits for the source to reconnect, then tells it what is in place and re-sends every
+    /// request still pending.
+    fn resume(
+        &self,
+        listener: &Listener,
+        table: &RegionTable,
+        session: u64,
+        ret: &Mutex<Option<Stream>>,
+    ) -> Result<Link, MigrateError> {
+        let link = self.accept_link(listener, table, Some(session))?;
+        let shared = &self.shared;
+        let mut out = Vec::new();
+        for (r, bits) in shared.received.iter().enumerate() {
+            let bytes = bits.to_bytes();
+            out.extend_from_slice(
+                &ReturnMsg::Bitmap {
+                    region: r as u16,
+                    len: bytes.len() as u32,
+                }
+                .encode(),
+            );
+            out.extend_from_slice(&bytes);
+        }
+        let mut guard = ret.lock().unwrap_or_else(|p| p.into_inner());
+        let stream = link.main.stream().try_clone()?;
+        // Requests pending now go out behind the bitmaps; later faults send their own.
+        for (r, region) in self.memory.regions().iter().enumerate() {
+            let page = region.host_page_size();
+            for (hp, t) in shared.pending[r].iter().enumerate() {
+                if t.load(std::sync::atomic::Ordering::Acquire) != 0 {
+                    let req = ReturnMsg::Request {
+                        region: r as u16,
+                        offset: (hp * page) as u64,
+                        len: page as u32,
+                    };
+                    out.extend_from_slice(&req.encode());
+                }
+            }
+        }
+        (&stream)
+            .write_all(&out)
+            .map_err(|e| MigrateError::Net(uring_net::NetError::from_io(e, false)))?;
+        *guard = Some(stream);
+        tracing::info!("postcopy resumed");
+        Ok(link)
+    }
+
+    /// The main channel: precopy writes, commands, bulk postcopy pages, heartbeats.
+    fn main_loop(
+        &self,
+        mut main: FrameReader,
+        table: &RegionTable,
+        st: &Mutex<MainState>,
+        ret: &Arc<Mutex<Option<Stream>>>,
+        stop: &Arc<EventFd>,
+        control: &mut dyn DestControl,
+    ) -> Result<(), MigrateError> {
+        let shared = &self.shared;
+        let mut staging = Staging::new();
+        let mut payload = Vec::new();
+        loop {
+            let mut phase = shared.phase();
+            let Some(hdr) = main.read_header::<RECORD_HEADER_LEN>()? else {
+                return Err(MigrateError::Link(format!(
+                    "the source closed the main channel during {}",
+                    phase.name()
+                )));
+            };
+            let rec = Record::decode(&hdr, table)?;
+            let action = phase.on_main(&rec)?;
+            match (action, rec) {
+                (
+                    PhaseAction::WriteDirect,
+                    Record::Pages {
+                        region,
+                        offset,
+                        len,
+                    },
+                ) => {
+                    let reg = &self.memory.regions()[region as usize];
+                    let ptr = reg.ptr_at(offset as usize, len as usize)?;
+                    // SAFETY: `ptr_at` checked [offset, offset+len) lies inside the region,
+                    // which stays mapped while `self.memory` lives; before postcopy no other
+                    // thread writes guest memory.
+                    unsafe { main.read_exact_raw(ptr, len as usize)? };
+                    let page = reg.host_page_size();
+                    shared
+                        .counters
+                        .add_pages(Lane::Bulk, (len as usize / page) as u64, len as u64);
+                    shared.mark_received(
+                        region as usize,
+                        offset as usize / page,
+                        len as usize / page,
+                    );
+                }
+                (
+                    PhaseAction::ZeroDirect,
+                    Record::Zero {
+                        region,
+                        offset,
+                        len,
+                    },
+                ) => {
+                    let reg = &self.memory.regions()[region as usize];
+                    let page = reg.host_page_size();
+                    let first = offset as usize / page;
+                    for hp in first..first + len as usize / page {
+                        // Never-written pages of a fresh mapping read as zero already.
+                        if shared.received[region as usize].test(hp) {
+                            reg.fill_zero(hp * page, page)?;
+                        }
+                    }
+                    shared.counters.zero_pages.fetch_add(
+                        (len as usize / page) as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    shared.mark_received(region as usize, first, len as usize / page);
+                }
+                (PhaseAction::Discard, Record::Discard { count }) => {
+                    payload.resize(rec.payload_len(), 0);
+                    main.read_exact(&mut payload)?;
+                    for chunk in payload
+                        .chunks(crate::protocol::record::DISCARD_ENTRY_LEN)
+                        .take(count as usize)
+                    {
+                        let (e, bytes) = DiscardEntry::decode(chunk, table)?;
+                        let reg = &self.memory.regions()[e.region as usize];
+                        reg.discard(e.offset as usize, bytes as usize)?;
+                        let page = reg.host_page_size();
+                        shared.mark_discarded(
+                            e.region as usize,
+                            e.offset as usize / page,
+                            e.pages as usize,
+                        );
+                        shared
+                            .counters
+                            .discarded_pages
+                            .fetch_add(e.pages as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                (PhaseAction::Arm, _) => {
+                    let t = self.arm(shared, ret.clone(), stop.clone())?;
+                    lock(st).fault_thread = Some(t);
+                }
+                (PhaseAction::Run, _) => {
+                    shared.set_phase(DestPhase::Running);
+                    {
+                        let mut st = lock(st);
+                        st.huge_at_run = self.memory.anon_huge_bytes();
+                        st.run_at = Some(Instant::now());
+                    }
+                    control.run();
+                }
+                (
+                    PhaseAction::Place,
+                    Record::Pages {
+                        region,
+                        offset,
+                        len,
+                    },
+                ) => {
+                    place_record(
+                        shared,
+                        &mut main,
+                        &mut staging,
+                        region,
+                        offset,
+                        len,
+                        Lane::Bulk,
+                    )?;
+                }
+                (
+                    PhaseAction::PlaceZero,
+                    Record::Zero {
+                        region,
+                        offset,
+                        len,
+                    },
+                ) => {
+                    let reg = self.memory.regions()[region as usize].clone();
+                    shared.place_zero(&reg, offset as usize, len as usize)?;
+                }
+                (PhaseAction::StoreDigests, Record::Digests { region, offset, .. }) => {
+                    payload.resize(rec.payload_len(), 0);
+                    main.read_exact(&mut payload)?;
+                    let page = self.memory.regions()[region as usize].host_page_size();
+                    let values: Vec<u64> = payload
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().expect("chunks of 8")))
+                        .collect();
+                    let mut st = lock(st);
+                    st.digests.store(region, offset as usize / page, &values);
+                    st.got_digests = true;
+                }
+                (PhaseAction::End, _) => {
+                    phase = DestPhase::Ended;
+                }
+                (PhaseAction::Nothing, Record::Ping) => send_on(ret, &ReturnMsg::Pong.encode()),
+                _ => {}
+            }
+            if phase != shared.phase() {
+                shared.set_phase(phase);
+            }
+        }
+    }
+    /// Every page is in place and the stream ended: verify, release userfaultfd, tell the
+    /// source.
+    fn finish(&self, st: &Mutex<MainState>, ret: &Mutex<Option<Stream>>) -> Option<VerifyReport> {
+        let st = lock(st);
+        let verify = st
+            .got_digests
+            .then(|| verify(&self.memory, &st.digests, self.guest_digests.as_deref()));
+        if let Some(uffd) = self.shared.uffd.get() {
+            for r in self.memory.regions() {
+                let _ = uffd.unregister(r.base_addr(), r.len());
+            }
+        }
+        let done = ReturnMsg::Done {
+            verified: verify.as_ref().map(|r| r.ok()),
+        };
+        send_on(ret, &done.encode());
+        verify
     }
 
     /// Registers guest memory for missing-page faults and starts the fault thread.
     fn arm(
         &self,
         shared: &Arc<DestShared>,
-        ret: Arc<Mutex<Stream>>,
+        ret: Arc<Mutex<Option<Stream>>>,
         stop: Arc<EventFd>,
     ) -> Result<std::thread::JoinHandle<()>, MigrateError> {
-        let hugetlb = self
-            .memory
-            .regions()
-            .iter()
-            .any(|r| r.backing() == crate::memory::Backing::HugeTlb);
-        let thp = self
-            .memory
-            .regions()
-            .iter()
-            .any(|r| r.backing() == crate::memory::Backing::TransparentHuge);
+        let has = |b: Backing| self.memory.regions().iter().any(|r| r.backing() == b);
         let mut features = feature::THREAD_ID;
-        if hugetlb {
+        if has(Backing::HugeTlb) {
             features |= feature::MISSING_HUGETLBFS;
         }
-        if thp {
+        if has(Backing::TransparentHuge) {
             features |= feature::MOVE;
         }
         let uffd = Userfaultfd::open(features)?;
@@ -430,6 +593,60 @@ impl Destination {
             })
             .map_err(|e| MigrateError::Internal(format!("spawn fault thread: {e}")))
     }
+}
+
+/// The two connections of one migration (or of one resume).
+struct Link {
+    main: FrameReader,
+    urgent: FrameReader,
+    session: u64,
+}
+
+/// What the main receiver keeps across connections.
+struct MainState {
+    digests: DigestTable,
+    got_digests: bool,
+    fault_thread: Option<std::thread::JoinHandle<()>>,
+    run_at: Option<Instant>,
+    huge_at_run: Option<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes a return-path message if the connection is up (best effort: a broken connection is
+/// noticed by the receivers).
+fn send_on(ret: &Mutex<Option<Stream>>, bytes: &[u8]) {
+    let mut guard = lock(ret);
+    if let Some(s) = guard.as_ref() {
+        if (&*s).write_all(bytes).is_err() {
+            *guard = None;
+        }
+    }
+}
+
+/// Accepts one connection, giving up at `deadline`.
+fn accept_until(listener: &Listener, deadline: Instant) -> Result<Stream, MigrateError> {
+    listener.set_nonblocking(true)?;
+    let result = loop {
+        match listener.accept() {
+            Ok(s) => break Ok(s),
+            Err(uring_net::NetError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Err(MigrateError::Timeout(
+                        "the source did not reconnect in time".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    listener.set_nonblocking(false)?;
+    let s = result?;
+    s.set_nonblocking(false)?;
+    Ok(s)
 }
 
 /// Binds a listener for [`Destination::accept`].

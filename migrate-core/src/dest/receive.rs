@@ -1,8 +1,6 @@
 //! Receivers: the main channel (precopy writes, commands, bulk postcopy pages) and the urgent
 //! channel (requested pages, placed by the receiving thread itself).
 
-use std::sync::Arc;
-
 use uring_net::FrameReader;
 
 use super::state::{DestShared, Staging};
@@ -26,15 +24,18 @@ pub(crate) fn place_record(
     shared.place(&reg, offset as usize, buf, lane)
 }
 
-/// The urgent receiver: only page and zero records, only once userfaultfd is armed.
-pub(crate) fn urgent_loop(shared: Arc<DestShared>, mut reader: FrameReader, table: RegionTable) {
+/// The urgent receiver: only page and zero records, only once userfaultfd is armed. Runs until
+/// the connection ends; reports failures to the coordinator.
+pub(crate) fn urgent_loop(shared: &DestShared, mut reader: FrameReader, table: &RegionTable) {
     let mut staging = Staging::new();
     let result = (|| -> Result<(), MigrateError> {
         loop {
             let Some(hdr) = reader.read_header::<RECORD_HEADER_LEN>()? else {
-                return Ok(());
+                return Err(MigrateError::Link(
+                    "the source closed the urgent channel".into(),
+                ));
             };
-            let rec = Record::decode(&hdr, &table)?;
+            let rec = Record::decode(&hdr, table)?;
             match (shared.phase().on_urgent(&rec)?, rec) {
                 (
                     PhaseAction::Place,
@@ -44,7 +45,7 @@ pub(crate) fn urgent_loop(shared: Arc<DestShared>, mut reader: FrameReader, tabl
                         len,
                     },
                 ) => place_record(
-                    &shared,
+                    shared,
                     &mut reader,
                     &mut staging,
                     region,
@@ -67,11 +68,7 @@ pub(crate) fn urgent_loop(shared: Arc<DestShared>, mut reader: FrameReader, tabl
             }
         }
     })();
-    match result {
-        Ok(()) => {}
-        // The urgent channel closing after completion is the normal end.
-        Err(MigrateError::Net(e))
-            if e.is_disconnect() && shared.phase() == crate::protocol::DestPhase::Ended => {}
-        Err(e) => shared.fail(e),
+    if let Err(e) = result {
+        shared.report(e);
     }
 }

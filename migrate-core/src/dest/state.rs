@@ -1,7 +1,7 @@
 //! State the destination's threads share: what is in place, which requests are in flight,
 //! placement itself, completion and failure.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -27,12 +27,28 @@ pub(crate) struct DestShared {
     pub epoch: Instant,
     state: Mutex<Outcome>,
     changed: Condvar,
+    /// The connection broke in postcopy; waiting for the source to reconnect.
+    pub paused: AtomicBool,
 }
 
 #[derive(Default)]
 struct Outcome {
     complete: bool,
+    ended: bool,
     error: Option<MigrateError>,
+    link_error: Option<MigrateError>,
+}
+
+/// What the coordinating thread wakes up for.
+pub(crate) enum Event {
+    /// Every page is in place and the source has sent everything.
+    Complete,
+    /// The connection broke (or went silent).
+    LinkFailed(MigrateError),
+    /// The migration cannot continue.
+    Fatal(MigrateError),
+    /// Completed and reported to the source (with the verification result, if verified).
+    Done(Option<crate::verify::VerifyReport>),
 }
 
 impl DestShared {
@@ -56,6 +72,7 @@ impl DestShared {
             epoch: Instant::now(),
             state: Mutex::new(Outcome::default()),
             changed: Condvar::new(),
+            paused: AtomicBool::new(false),
             memory,
         }
     }
@@ -75,13 +92,17 @@ impl DestShared {
 
     pub fn set_phase(&self, p: DestPhase) {
         self.phase.store(p as u8, Release);
+        if p == DestPhase::Ended {
+            self.lock().ended = true;
+            self.changed.notify_all();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outcome> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the first failure and wakes the waiting thread.
+    /// Records a failure the migration cannot survive and wakes the coordinator.
     pub fn fail(&self, e: MigrateError) {
         let mut s = self.lock();
         if s.error.is_none() {
@@ -91,34 +112,49 @@ impl DestShared {
         self.changed.notify_all();
     }
 
-    pub fn failed(&self) -> bool {
-        self.lock().error.is_some()
+    /// Records a broken connection and wakes the coordinator.
+    pub fn link_failed(&self, e: MigrateError) {
+        let mut s = self.lock();
+        if s.link_error.is_none() {
+            tracing::info!(error = %e, "connection lost");
+            s.link_error = Some(e);
+        }
+        self.changed.notify_all();
     }
 
-    /// Blocks until every page is in place, or a thread failed, or `timeout` passes.
-    pub fn wait_complete(&self, timeout: std::time::Duration) -> Result<(), MigrateError> {
-        let deadline = Instant::now() + timeout;
+    /// Routes a receiver's error: broken connections pause, everything else fails.
+    pub fn report(&self, e: MigrateError) {
+        if e.is_link_failure() {
+            self.link_failed(e)
+        } else {
+            self.fail(e)
+        }
+    }
+
+    /// Starts a new connection: forget the previous one's failure; an ended stream restarts.
+    pub fn new_link(&self) {
+        let mut s = self.lock();
+        s.link_error = None;
+        if s.ended && !s.complete {
+            s.ended = false;
+            self.phase.store(DestPhase::Running as u8, Release);
+        }
+    }
+
+    /// Blocks until something the coordinator must act on happens.
+    pub fn wait_event(&self) -> Event {
         let mut s = self.lock();
         loop {
-            if let Some(e) = s.error.as_ref() {
-                return Err(e.duplicate());
+            if let Some(e) = s.error.take() {
+                return Event::Fatal(e);
             }
-            if s.complete {
-                return Ok(());
+            if s.complete && s.ended {
+                return Event::Complete;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(MigrateError::Timeout(format!(
-                    "{} of {} host pages still missing",
-                    self.total - self.received_count.load(Acquire),
-                    self.total
-                )));
+            if let Some(e) = s.link_error.take() {
+                return Event::LinkFailed(e);
             }
-            s = self
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
 

@@ -55,6 +55,12 @@ pub enum ProtocolError {
     },
     #[error("channel {0} is already connected")]
     DuplicateChannel(&'static str),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("session mismatch: {0}")]
+    Session(String),
+    #[error("cannot resume: {0}")]
+    NotPaused(String),
     #[error("peer reported an error: {0}")]
     Remote(String),
 }

@@ -1,10 +1,21 @@
-//! Connection handshake: the source opens each channel with a [`Hello`] naming the channel, the
-//! migration session and the full region table; the destination answers with a [`HelloReply`].
+//! Connection handshake, on every connection:
+//!
+//! ```text
+//! source                                  destination
+//!   Hello (channel, session, flags, nonce, region table) ──►
+//!                         ◄── Challenge (nonce, destination proof)
+//!   Proof (source proof) ──►
+//!                         ◄── HelloReply (status, message)
+//! ```
+//! Proofs are all zero when no key is configured (see [`super::auth`]).
 
+use super::auth::{NONCE_LEN, PROOF_LEN};
 use super::{ProtocolError, MAGIC, VERSION};
 
 /// Fixed part of a [`Hello`]; the region table (`body_len` bytes) follows.
-pub const HELLO_HEADER_LEN: usize = 24;
+pub const HELLO_HEADER_LEN: usize = 24 + NONCE_LEN;
+/// A [`Challenge`].
+pub const CHALLENGE_LEN: usize = NONCE_LEN + PROOF_LEN;
 /// Fixed part of a [`HelloReply`]; `msg_len` bytes of UTF-8 follow.
 pub const REPLY_HEADER_LEN: usize = 12;
 /// At most this many regions.
@@ -179,12 +190,20 @@ impl RegionTable {
     }
 }
 
+/// Hello flag: the source has a key and expects the destination to prove it.
+pub const HELLO_AUTH: u8 = 1;
+/// Hello flag: this connection resumes a paused postcopy of the same session.
+pub const HELLO_RESUME: u8 = 2;
+
 /// First message on every connection, source → destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
     pub channel: Channel,
+    /// [`HELLO_AUTH`] | [`HELLO_RESUME`].
+    pub flags: u8,
     pub session: u64,
+    pub nonce: [u8; NONCE_LEN],
     pub regions: RegionTable,
 }
 
@@ -193,9 +212,19 @@ impl Hello {
         Self {
             version: VERSION,
             channel,
+            flags: 0,
             session,
+            nonce: [0; NONCE_LEN],
             regions,
         }
+    }
+
+    pub fn resume(&self) -> bool {
+        self.flags & HELLO_RESUME != 0
+    }
+
+    pub fn auth(&self) -> bool {
+        self.flags & HELLO_AUTH != 0
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -212,11 +241,12 @@ impl Hello {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.version.to_le_bytes());
         out.push(self.channel as u8);
-        out.push(0);
+        out.push(self.flags);
         out.extend_from_slice(&self.session.to_le_bytes());
         out.extend_from_slice(&(self.regions.regions().len() as u16).to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.nonce);
         out.extend_from_slice(&body);
         out
     }
@@ -247,12 +277,14 @@ impl Hello {
         }
         let version = u16::from_le_bytes([header[4], header[5]]);
         let channel = Channel::from_u8(header[6])?;
-        if header[7] != 0 || header[18] != 0 || header[19] != 0 {
+        let flags = header[7];
+        if flags & !(HELLO_AUTH | HELLO_RESUME) != 0 || header[18] != 0 || header[19] != 0 {
             return Err(ProtocolError::Reserved {
                 what: "hello",
-                value: header[7] as u64,
+                value: flags as u64,
             });
         }
+        let nonce: [u8; NONCE_LEN] = header[24..24 + NONCE_LEN].try_into().unwrap();
         let session = u64::from_le_bytes(header[8..16].try_into().unwrap());
         let count = u16::from_le_bytes([header[16], header[17]]) as usize;
         if count == 0 || count > MAX_REGIONS {
@@ -308,9 +340,34 @@ impl Hello {
         Ok(Self {
             version,
             channel,
+            flags,
             session,
+            nonce,
             regions: RegionTable::new(regions)?,
         })
+    }
+}
+
+/// Destination → source after a [`Hello`]: the destination's nonce and its proof of the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    pub nonce: [u8; NONCE_LEN],
+    pub proof: [u8; PROOF_LEN],
+}
+
+impl Challenge {
+    pub fn encode(&self) -> [u8; CHALLENGE_LEN] {
+        let mut b = [0u8; CHALLENGE_LEN];
+        b[..NONCE_LEN].copy_from_slice(&self.nonce);
+        b[NONCE_LEN..].copy_from_slice(&self.proof);
+        b
+    }
+
+    pub fn decode(b: &[u8; CHALLENGE_LEN]) -> Self {
+        Self {
+            nonce: b[..NONCE_LEN].try_into().unwrap(),
+            proof: b[NONCE_LEN..].try_into().unwrap(),
+        }
     }
 }
 
@@ -339,6 +396,8 @@ pub enum ReplyStatus {
     BadHello = 4,
     AuthFailed = 5,
     WrongSession = 6,
+    /// A resume for a migration that is not paused (or of another session).
+    NotPaused = 7,
 }
 
 impl ReplyStatus {
@@ -351,6 +410,7 @@ impl ReplyStatus {
             4 => Self::BadHello,
             5 => Self::AuthFailed,
             6 => Self::WrongSession,
+            7 => Self::NotPaused,
             kind => {
                 return Err(ProtocolError::UnknownKind {
                     what: "reply status",
@@ -366,6 +426,9 @@ impl ReplyStatus {
             ProtocolError::Version { .. } => Self::VersionMismatch,
             ProtocolError::RegionMismatch(_) => Self::RegionMismatch,
             ProtocolError::DuplicateChannel(_) => Self::DuplicateChannel,
+            ProtocolError::Auth(_) => Self::AuthFailed,
+            ProtocolError::Session(_) => Self::WrongSession,
+            ProtocolError::NotPaused(_) => Self::NotPaused,
             _ => Self::BadHello,
         }
     }
@@ -493,7 +556,9 @@ mod tests {
 
     #[test]
     fn hello_round_trip() {
-        let h = Hello::new(Channel::Urgent, 0xdead_beef, table());
+        let mut h = Hello::new(Channel::Urgent, 0xdead_beef, table());
+        h.flags = HELLO_AUTH | HELLO_RESUME;
+        h.nonce = [7; NONCE_LEN];
         let bytes = h.encode();
         let (hdr, body) = split(&bytes);
         assert_eq!(Hello::body_len(&hdr).unwrap(), body.len());

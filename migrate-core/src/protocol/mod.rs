@@ -5,14 +5,16 @@
 //! phase. Threads in [`crate::source`] and [`crate::dest`] drive them over `uring-net`.
 //! The byte layouts are documented in `docs/PROTOCOL.md`; [`VERSION`] changes whenever they do.
 
+pub mod auth;
 mod error;
 pub mod handshake;
 pub mod phase;
 pub mod record;
 pub mod ret;
 
+pub use auth::AuthKey;
 pub use error::ProtocolError;
-pub use handshake::{Channel, Hello, HelloReply, RegionInfo, RegionTable, ReplyStatus};
+pub use handshake::{Challenge, Channel, Hello, HelloReply, RegionInfo, RegionTable, ReplyStatus};
 pub use phase::{DestPhase, PhaseAction};
 pub use record::{DiscardEntry, Record, RecordKind, RECORD_HEADER_LEN};
 pub use ret::{ReturnMsg, RETURN_HEADER_LEN};

@@ -10,6 +10,16 @@ pub const RETURN_HEADER_LEN: usize = 16;
 const KIND_REQUEST: u8 = 1;
 const KIND_DONE: u8 = 2;
 const KIND_ERROR: u8 = 3;
+const KIND_BITMAP: u8 = 4;
+const KIND_PONG: u8 = 5;
+
+/// Largest received-bitmap payload (one bit per host page of one region).
+pub const MAX_BITMAP_PAYLOAD: u32 = 16 << 20;
+
+/// Bytes of the received bitmap of a region with `host_pages` pages (whole u64 words).
+pub fn bitmap_bytes(host_pages: u64) -> u64 {
+    host_pages.div_ceil(64) * 8
+}
 
 const DONE_VERIFIED_RAN: u8 = 1;
 const DONE_VERIFIED_OK: u8 = 2;
@@ -23,12 +33,17 @@ pub enum ReturnMsg {
     Done { verified: Option<bool> },
     /// The destination failed; `len` bytes of UTF-8 explanation follow.
     Error { len: u32 },
+    /// On resume: `len` bytes of `region`'s received bitmap follow (little-endian u64 words,
+    /// bit i = host page i is in place).
+    Bitmap { region: u16, len: u32 },
+    /// Answer to a [`super::Record::Ping`].
+    Pong,
 }
 
 impl ReturnMsg {
     pub fn payload_len(&self) -> usize {
         match *self {
-            ReturnMsg::Error { len } => len as usize,
+            ReturnMsg::Error { len } | ReturnMsg::Bitmap { len, .. } => len as usize,
             _ => 0,
         }
     }
@@ -50,6 +65,8 @@ impl ReturnMsg {
                 b
             }
             ReturnMsg::Error { len } => encode_header(KIND_ERROR, 0, len, 0),
+            ReturnMsg::Bitmap { region, len } => encode_header(KIND_BITMAP, region, len, 0),
+            ReturnMsg::Pong => encode_header(KIND_PONG, 0, 0, 0),
         }
     }
 
@@ -122,6 +139,33 @@ impl ReturnMsg {
                 }
                 Ok(ReturnMsg::Error { len })
             }
+            KIND_BITMAP => {
+                let info = table.get(region)?;
+                let want = bitmap_bytes(info.len / info.host_page_size as u64);
+                if flags != 0 || offset != 0 {
+                    return Err(ProtocolError::Reserved {
+                        what: "bitmap fields",
+                        value: offset,
+                    });
+                }
+                if len as u64 != want || len > MAX_BITMAP_PAYLOAD {
+                    return Err(ProtocolError::TooLong {
+                        what: "received bitmap (must match the region)",
+                        len: len as u64,
+                        max: want.min(MAX_BITMAP_PAYLOAD as u64),
+                    });
+                }
+                Ok(ReturnMsg::Bitmap { region, len })
+            }
+            KIND_PONG => {
+                if flags != 0 || region != 0 || len != 0 || offset != 0 {
+                    return Err(ProtocolError::Reserved {
+                        what: "pong fields",
+                        value: offset,
+                    });
+                }
+                Ok(ReturnMsg::Pong)
+            }
             kind => Err(ProtocolError::UnknownKind {
                 what: "return-path message",
                 kind,
@@ -163,6 +207,8 @@ mod tests {
                 verified: Some(false),
             },
             ReturnMsg::Error { len: 12 },
+            ReturnMsg::Bitmap { region: 0, len: 32 },
+            ReturnMsg::Pong,
         ] {
             assert_eq!(ReturnMsg::decode(&m.encode(), &t).unwrap(), m);
         }
@@ -185,6 +231,9 @@ mod tests {
         assert!(bad(encode_header(KIND_ERROR, 0, MAX_ERROR_MESSAGE + 1, 0)));
         assert!(bad(encode_header(0, 0, 0, 0)));
         assert!(bad(encode_header(9, 0, 0, 0)));
+        assert!(bad(encode_header(KIND_BITMAP, 0, 31, 0)));
+        assert!(bad(encode_header(KIND_BITMAP, 1, 32, 0)));
+        assert!(bad(encode_header(KIND_PONG, 0, 1, 0)));
         let mut d = ReturnMsg::Done { verified: None }.encode();
         d[1] = 2;
         assert!(bad(d));

@@ -10,10 +10,14 @@ mod scanner;
 mod shared;
 
 use std::sync::atomic::{AtomicUsize, Ordering::*};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use uring_net::{connect, Endpoint, FrameReader, FrameSender, Stream};
+
+use crate::bitmap::AtomicBitmap;
+use crate::handshake::SourceHello;
+use crate::protocol::{ProtocolError, RegionTable, ReturnMsg, RETURN_HEADER_LEN};
 
 pub use shared::{Progress, SourcePhase};
 
@@ -25,7 +29,7 @@ use crate::memory::GuestMemory;
 use crate::protocol::Channel;
 use crate::stats::{ChannelStats, CountersSnapshot};
 use return_path::ReturnPath;
-use scanner::Scanner;
+use scanner::{PrecopyOutcome, Scanner};
 use shared::{Claims, Finish, RequestQueue};
 
 /// What the VMM does at switchover.
@@ -53,6 +57,8 @@ pub struct SourceReport {
     pub total_ms: f64,
     /// Destination's verification result, if it verified.
     pub verified: Option<bool>,
+    /// Times postcopy survived a broken connection.
+    pub recoveries: u32,
     pub bulk: ChannelStats,
     pub urgent: ChannelStats,
 }
@@ -62,6 +68,17 @@ pub struct Source {
     memory: Arc<GuestMemory>,
     config: SourceConfig,
     progress: Arc<Progress>,
+    /// Clones of the current connections, for [`Source::interrupt_link`].
+    live: Mutex<Vec<Stream>>,
+}
+
+/// The connections of one link and the threads' ends of them.
+struct Link {
+    bulk: FrameSender,
+    urgent: FrameSender,
+    /// The main connection's reverse direction, positioned after the handshake.
+    reader: FrameReader,
+    closers: Vec<Stream>,
 }
 
 impl Source {
@@ -70,12 +87,22 @@ impl Source {
             memory,
             config,
             progress: Arc::new(Progress::default()),
+            live: Mutex::new(Vec::new()),
         }
     }
 
     /// Live progress (and the `go_postcopy` switch).
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
+    }
+
+    /// Breaks the current connections as a network failure would (both directions shut
+    /// down). In postcopy the migration pauses and reconnects; in precopy it is cancelled.
+    /// For operators and tests.
+    pub fn interrupt_link(&self) {
+        for s in self.live.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Connects to a destination listening at `endpoint` and migrates.
@@ -85,22 +112,7 @@ impl Source {
         dirty: &mut dyn DirtyLog,
         control: &mut dyn SourceControl,
     ) -> Result<SourceReport, MigrateError> {
-        let main = connect(endpoint, Some(self.config.connect_timeout))?;
-        self.config.bulk_socket.apply(&main)?;
-        let urgent = connect(endpoint, Some(self.config.connect_timeout))?;
-        self.config.urgent_socket.apply(&urgent)?;
-        self.migrate_streams(main, urgent, dirty, control)
-    }
-
-    /// Migrates over two connected streams (main and urgent).
-    pub fn migrate_streams(
-        &self,
-        main: Stream,
-        urgent: Stream,
-        dirty: &mut dyn DirtyLog,
-        control: &mut dyn SourceControl,
-    ) -> Result<SourceReport, MigrateError> {
-        let result = self.run(main, urgent, dirty, control);
+        let result = self.run(endpoint, dirty, control);
         self.progress.set_phase(if result.is_ok() {
             SourcePhase::Done
         } else {
@@ -109,10 +121,114 @@ impl Source {
         result
     }
 
+    fn open_link(
+        &self,
+        endpoint: &Endpoint,
+        session: u64,
+        table: &RegionTable,
+        resume: bool,
+    ) -> Result<Link, MigrateError> {
+        let cfg = &self.config;
+        let main = connect(endpoint, Some(cfg.connect_timeout))?;
+        cfg.bulk_socket.apply(&main)?;
+        let urgent = connect(endpoint, Some(cfg.connect_timeout))?;
+        cfg.urgent_socket.apply(&urgent)?;
+        main.set_read_timeout(Some(cfg.timeout))?;
+        urgent.set_read_timeout(Some(cfg.timeout))?;
+        let hello = |channel| SourceHello {
+            channel,
+            session,
+            table,
+            key: cfg.key.as_ref(),
+            resume,
+        };
+        let reader = source_handshake(&main, &hello(Channel::Main))?;
+        source_handshake(&urgent, &hello(Channel::Urgent))?;
+        main.set_read_timeout(Some(cfg.link_timeout))?;
+        let closers = vec![main.try_clone()?, urgent.try_clone()?];
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = closers
+            .iter()
+            .map(|c| c.try_clone())
+            .collect::<Result<_, _>>()?;
+        Ok(Link {
+            bulk: FrameSender::new(main, cfg.bulk.clone())?,
+            urgent: FrameSender::new(urgent, cfg.urgent.clone())?,
+            reader,
+            closers,
+        })
+    }
+
+    /// Reconnects after a break in postcopy, with back-off; learns what the destination has
+    /// and rebuilds the set of pages to send from it.
+    fn reconnect(
+        &self,
+        endpoint: &Endpoint,
+        session: u64,
+        table: &RegionTable,
+        claims: &Claims,
+    ) -> Result<Link, MigrateError> {
+        let policy = &self.config.reconnect;
+        let mut wait = policy.backoff;
+        let mut last = None;
+        for attempt in 1..=policy.retries {
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(policy.max_backoff);
+            match self
+                .open_link(endpoint, session, table, true)
+                .and_then(|mut l| {
+                    self.read_bitmaps(&mut l.reader, table, claims)?;
+                    Ok(l)
+                }) {
+                Ok(l) => return Ok(l),
+                Err(MigrateError::Protocol(e)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::info!(attempt, error = %e, "reconnect failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(MigrateError::Link(format!(
+            "could not reconnect after {} attempts: {}",
+            policy.retries,
+            last.map_or_else(|| "no attempt allowed".into(), |e| e.to_string())
+        )))
+    }
+
+    fn read_bitmaps(
+        &self,
+        reader: &mut FrameReader,
+        table: &RegionTable,
+        claims: &Claims,
+    ) -> Result<(), MigrateError> {
+        for r in self.memory.regions() {
+            let Some(hdr) = reader.read_header::<RETURN_HEADER_LEN>()? else {
+                return Err(MigrateError::Link(
+                    "closed before sending its received bitmap".into(),
+                ));
+            };
+            let (region, len) = match ReturnMsg::decode(&hdr, table)? {
+                ReturnMsg::Bitmap { region, len } if region == r.id() => (region, len),
+                _ => {
+                    return Err(ProtocolError::Handshake(format!(
+                        "expected the received bitmap of region {:?} after the resume handshake",
+                        r.name()
+                    ))
+                    .into())
+                }
+            };
+            let mut bytes = vec![0; len as usize];
+            reader.read_exact(&mut bytes)?;
+            let received = AtomicBitmap::from_bytes(r.host_pages(), &bytes).ok_or_else(|| {
+                ProtocolError::Handshake(format!("malformed received bitmap for region {region}"))
+            })?;
+            claims.rebuild_from_received(region as usize, &received);
+        }
+        Ok(())
+    }
+
     fn run(
         &self,
-        main: Stream,
-        urgent: Stream,
+        endpoint: &Endpoint,
         dirty: &mut dyn DirtyLog,
         control: &mut dyn SourceControl,
     ) -> Result<SourceReport, MigrateError> {
@@ -120,19 +236,12 @@ impl Source {
         let cfg = &self.config;
         let table = region_table(&self.memory);
         let session: u64 = rand::random();
-        main.set_read_timeout(Some(cfg.timeout))?;
-        urgent.set_read_timeout(Some(cfg.timeout))?;
-        source_handshake(&main, Channel::Main, session, &table)?;
-        source_handshake(&urgent, Channel::Urgent, session, &table)?;
-        main.set_read_timeout(None)?;
+        let link = self.open_link(endpoint, session, &table, false)?;
 
         let claims = Arc::new(Claims::new(&self.memory));
-        self.progress
-            .total_pages
-            .store(self.memory.total_host_pages() as u64, Relaxed);
-        self.progress
-            .pages_left
-            .store(self.memory.total_host_pages() as u64, Relaxed);
+        let total = self.memory.total_host_pages() as u64;
+        self.progress.total_pages.store(total, Relaxed);
+        self.progress.pages_left.store(total, Relaxed);
         let requests = Arc::new(RequestQueue::default());
         let finish = Arc::new(Finish::default());
         let hint: Arc<Vec<AtomicUsize>> = Arc::new(
@@ -142,72 +251,97 @@ impl Source {
                 .map(|_| AtomicUsize::new(usize::MAX))
                 .collect(),
         );
+        let mut bulk_stats = ChannelStats::default();
+        let mut urgent_stats = ChannelStats::default();
 
-        let reader = FrameReader::new(main.try_clone()?, 64 << 10);
-        let urgent_close = urgent.try_clone()?;
-        let main_close = main.try_clone()?;
-        let bulk = FrameSender::new(main, cfg.bulk.clone())?;
-        let urgent_sender = FrameSender::new(urgent, cfg.urgent.clone())?;
-        let urgent_stats = urgent_sender.stats();
-        let (rp_urgent, scan_urgent) = match cfg.mode {
-            Mode::PreemptFull => (Some(urgent_sender), None),
-            Mode::Preempt => (None, Some(urgent_sender)),
-            Mode::Vanilla => (None, None),
-        };
-        let rp = ReturnPath {
-            memory: self.memory.clone(),
-            table: table.clone(),
+        let Link {
+            bulk,
+            urgent,
             reader,
-            urgent: rp_urgent,
-            claims: claims.clone(),
-            requests: requests.clone(),
-            scanner_waker: bulk.waker(),
-            progress: self.progress.clone(),
-            finish: finish.clone(),
-            hint: hint.clone(),
-            max_record_bytes: cfg.max_record_bytes,
-            timeout: cfg.timeout,
-        };
-        let priority = cfg.urgent_priority;
-        let rp_thread = std::thread::Builder::new()
-            .name("src-return-path".into())
-            .spawn(move || {
-                if let Some(p) = priority {
-                    tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "return-path thread");
-                }
-                rp.run()
-            })
-            .map_err(|e| MigrateError::Internal(format!("spawn return-path thread: {e}")))?;
-
+            mut closers,
+        } = link;
         let mut scanner = Scanner {
             memory: self.memory.clone(),
             config: cfg.clone(),
-            claims,
+            claims: claims.clone(),
             bulk,
-            urgent: scan_urgent,
-            requests,
+            urgent: None,
+            requests: requests.clone(),
             progress: self.progress.clone(),
             finish: finish.clone(),
             cursor: vec![0; self.memory.regions().len()],
-            hint,
+            hint: hint.clone(),
             scratch: Vec::new(),
+            last_ping: Instant::now(),
+            switched: false,
         };
-        let outcome = scanner
-            .precopy_and_switch(dirty, control)
-            .and_then(|pre| scanner.postcopy().map(|_| pre));
-        // Close both channels so the return-path thread and the destination's receivers end.
-        let _ = urgent_close.shutdown(std::net::Shutdown::Both);
-        let _ = main_close.shutdown(std::net::Shutdown::Both);
-        let _ = rp_thread.join();
-        let pre = outcome?;
-        if let Some(e) = finish
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(MigrateError::Remote(e));
-        }
+        let mut rp_thread = Some(self.start_return_path(&mut scanner, urgent, reader, &table)?);
+        let mut urgent_live = self.urgent_stats(&scanner, &rp_thread);
+        let mut recoveries = 0u32;
+
+        let mut pre = None;
+        let result = loop {
+            let step = match pre {
+                None => scanner
+                    .precopy_and_switch(dirty, control)
+                    .map(|p| pre = Some(p)),
+                Some(_) => scanner.postcopy(),
+            };
+            let done =
+                matches!((&step, &pre), (Ok(()), Some(_)) if scanner.finish.done.load(Acquire));
+            // Either way this link is over when the step failed or the migration is done.
+            if step.is_err() || done {
+                for c in &closers {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+                let (b, u) = self.end_link(&mut scanner, rp_thread.take(), &mut urgent_live);
+                bulk_stats = add(bulk_stats, b);
+                urgent_stats = add(urgent_stats, u);
+            }
+            match step {
+                Ok(()) if done => break Ok(()),
+                Ok(()) => continue,
+                Err(e) if e.is_link_failure() && scanner.switched && cfg.reconnect.retries > 0 => {
+                    tracing::warn!(error = %e, "postcopy paused: reconnecting");
+                    self.progress.set_phase(SourcePhase::Paused);
+                    let link = match self.reconnect(endpoint, session, &table, &claims) {
+                        Ok(l) => l,
+                        Err(e) => break Err(e),
+                    };
+                    recoveries += 1;
+                    self.progress.pages_left.store(claims.remaining(), Relaxed);
+                    self.progress.set_phase(SourcePhase::Postcopy);
+                    closers = link.closers;
+                    scanner.bulk = link.bulk;
+                    scanner.last_ping = Instant::now();
+                    rp_thread = Some(self.start_return_path(
+                        &mut scanner,
+                        link.urgent,
+                        link.reader,
+                        &table,
+                    )?);
+                    urgent_live = self.urgent_stats(&scanner, &rp_thread);
+                    if pre.is_none() {
+                        // Broke during switchover, after the pause: the destination has (or will
+                        // have, from its armed state) the guest running.
+                        pre = Some(PrecopyOutcome::default());
+                    }
+                }
+                Err(e) if !scanner.switched => {
+                    // The guest was never paused: it keeps running; stop tracking it.
+                    let _ = dirty.stop(&self.memory);
+                    break Err(if e.is_link_failure() {
+                        MigrateError::Cancelled(format!("connection lost during precopy: {e}"))
+                    } else {
+                        e
+                    });
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        result?;
+        let pre = pre.unwrap_or_default();
         Ok(SourceReport {
             mode: cfg.mode,
             counters: self.progress.counters.snapshot(),
@@ -217,11 +351,96 @@ impl Source {
             downtime_ms: pre.downtime.as_secs_f64() * 1e3,
             total_ms: start.elapsed().as_secs_f64() * 1e3,
             verified: finish.verified(),
-            bulk: scanner.bulk.stats().snapshot().into(),
-            urgent: urgent_stats.snapshot().into(),
+            recoveries,
+            bulk: bulk_stats,
+            urgent: urgent_stats,
         })
+    }
+
+    /// Starts the return-path thread of a link; the urgent sender goes to whoever sends
+    /// urgent pages in this mode.
+    fn start_return_path(
+        &self,
+        scanner: &mut Scanner,
+        urgent: FrameSender,
+        reader: FrameReader,
+        table: &RegionTable,
+    ) -> Result<std::thread::JoinHandle<Option<FrameSender>>, MigrateError> {
+        let cfg = &self.config;
+        let rp_urgent = match cfg.mode {
+            Mode::PreemptFull => Some(urgent),
+            Mode::Preempt => {
+                scanner.urgent = Some(urgent);
+                None
+            }
+            Mode::Vanilla => {
+                scanner.urgent = None;
+                drop(urgent);
+                None
+            }
+        };
+        let rp = ReturnPath {
+            memory: self.memory.clone(),
+            table: table.clone(),
+            reader,
+            urgent: rp_urgent,
+            claims: scanner.claims.clone(),
+            requests: scanner.requests.clone(),
+            scanner_waker: scanner.bulk.waker(),
+            progress: self.progress.clone(),
+            finish: scanner.finish.clone(),
+            hint: scanner.hint.clone(),
+            max_record_bytes: cfg.max_record_bytes,
+            timeout: cfg.link_timeout,
+        };
+        let priority = cfg.urgent_priority;
+        std::thread::Builder::new()
+            .name("src-return-path".into())
+            .spawn(move || {
+                if let Some(p) = priority {
+                    tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "return-path thread");
+                }
+                rp.run()
+            })
+            .map_err(|e| MigrateError::Internal(format!("spawn return-path thread: {e}")))
+    }
+
+    fn urgent_stats(
+        &self,
+        scanner: &Scanner,
+        rp: &Option<std::thread::JoinHandle<Option<FrameSender>>>,
+    ) -> Option<Arc<uring_net::SendStats>> {
+        let _ = rp;
+        scanner.urgent.as_ref().map(|u| u.stats())
+    }
+
+    /// Joins the return-path thread of a finished link; returns the link's transport counters.
+    fn end_link(
+        &self,
+        scanner: &mut Scanner,
+        rp: Option<std::thread::JoinHandle<Option<FrameSender>>>,
+        urgent_live: &mut Option<Arc<uring_net::SendStats>>,
+    ) -> (ChannelStats, ChannelStats) {
+        let rp_urgent = rp.and_then(|t| t.join().ok()).flatten();
+        // The link's failure has been handled; a new link starts clean.
+        let _ = scanner.finish.take_error();
+        let urgent = rp_urgent
+            .map(|u| u.stats().snapshot().into())
+            .or_else(|| urgent_live.take().map(|s| s.snapshot().into()))
+            .unwrap_or_default();
+        scanner.urgent = None;
+        (scanner.bulk.stats().snapshot().into(), urgent)
     }
 }
 
-/// Default wait between progress polls for front ends.
-pub const PROGRESS_TICK: Duration = Duration::from_millis(100);
+fn add(a: ChannelStats, b: ChannelStats) -> ChannelStats {
+    ChannelStats {
+        frames: a.frames + b.frames,
+        bytes: a.bytes + b.bytes,
+        sends: a.sends + b.sends,
+        submits: a.submits + b.submits,
+        zc_sends: a.zc_sends + b.zc_sends,
+        zc_copied: a.zc_copied + b.zc_copied,
+        short_sends: a.short_sends + b.short_sends,
+    }
+}

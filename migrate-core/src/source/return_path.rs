@@ -32,23 +32,25 @@ pub(crate) struct ReturnPath {
 
 impl ReturnPath {
     /// Runs until the destination reports completion or an error; records the outcome in
-    /// `finish` and wakes the scanner either way.
-    pub fn run(mut self) {
+    /// `finish` and wakes the scanner either way. Hands the urgent sender back (for its
+    /// counters).
+    pub fn run(mut self) -> Option<FrameSender> {
         let result = self.serve();
-        if let Err(e) = &result {
+        if let Err(e) = result {
             tracing::warn!(error = %e, "return path ended with an error");
-            *self.finish.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            *self.finish.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
         }
         if let Some(u) = self.urgent.as_mut() {
             let _ = u.drain(Some(Duration::from_secs(1)));
         }
         self.scanner_waker.wake();
+        self.urgent
     }
 
     fn serve(&mut self) -> Result<(), MigrateError> {
         loop {
             let Some(hdr) = self.reader.read_header::<RETURN_HEADER_LEN>()? else {
-                return Err(MigrateError::Remote(
+                return Err(MigrateError::Link(
                     "the destination closed the return path".into(),
                 ));
             };
@@ -75,6 +77,14 @@ impl ReturnPath {
                     self.finish.verified.store(v, Release);
                     self.finish.done.store(true, Release);
                     return Ok(());
+                }
+                ReturnMsg::Pong => {}
+                ReturnMsg::Bitmap { .. } => {
+                    return Err(crate::protocol::ProtocolError::UnexpectedRecord {
+                        record: "received bitmap",
+                        phase: "postcopy (bitmaps only follow a resume handshake)",
+                    }
+                    .into())
                 }
                 ReturnMsg::Error { len } => {
                     let mut msg = vec![0; len as usize];

@@ -34,6 +34,10 @@ pub(crate) struct Scanner {
     /// Host page just after the last served request, per region (page hint).
     pub hint: Arc<Vec<std::sync::atomic::AtomicUsize>>,
     pub scratch: Vec<(u16, usize, usize)>,
+    pub last_ping: Instant,
+    /// Set once the guest was paused: from then on a broken connection pauses the migration
+    /// instead of cancelling it.
+    pub switched: bool,
 }
 
 /// What the precopy phase measured.
@@ -47,21 +51,29 @@ pub(crate) struct PrecopyOutcome {
 
 impl Scanner {
     fn check_failed(&self) -> Result<(), MigrateError> {
-        if let Some(e) = self
-            .finish
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            return Err(MigrateError::Remote(e.clone()));
+        match self.finish.take_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a ping when the last one is older than the heartbeat interval; the destination
+    /// answers on the return path, so both sides see traffic even when no pages flow.
+    fn heartbeat(&mut self) -> Result<(), MigrateError> {
+        if self.last_ping.elapsed() >= self.config.heartbeat {
+            self.last_ping = Instant::now();
+            self.bulk.push(&Record::Ping.encode(), &[])?;
+            self.bulk.flush()?;
         }
         Ok(())
     }
 
     /// Waits while the bulk sender holds more than the allowed backlog, serving requests.
     fn backpressure(&mut self) -> Result<(), MigrateError> {
+        let mut stalled = Instant::now();
+        let mut last_backlog = usize::MAX;
         loop {
+            self.heartbeat()?;
             self.serve_requests()?;
             if let Some(u) = self.urgent.as_mut() {
                 u.poll()?;
@@ -69,6 +81,15 @@ impl Scanner {
             self.bulk.poll()?;
             if self.bulk.backlog_bytes() <= self.config.bulk_backlog {
                 return Ok(());
+            }
+            if self.bulk.backlog_bytes() < last_backlog {
+                last_backlog = self.bulk.backlog_bytes();
+                stalled = Instant::now();
+            } else if stalled.elapsed() > self.config.link_timeout {
+                return Err(MigrateError::Link(format!(
+                    "the bulk channel made no progress for {:?}",
+                    self.config.link_timeout
+                )));
             }
             // Everything queued must be on its way before we sleep on its completion.
             self.bulk.flush()?;
@@ -251,6 +272,7 @@ impl Scanner {
         self.progress.set_phase(SourcePhase::Switchover);
         let pause_at = Instant::now();
         control.pause().map_err(MigrateError::Pause)?;
+        self.switched = true;
         for (r, region) in self.memory.regions().iter().enumerate() {
             dirty.collect(region, &self.claims.to_send[r])?;
         }
@@ -330,23 +352,16 @@ impl Scanner {
         }
         self.bulk.push(&Record::End.encode(), &[])?;
         self.bulk.flush()?;
-        let deadline_step = Duration::from_millis(20);
-        let mut silent = Duration::ZERO;
         while !self.finish.done.load(Acquire) {
             self.check_failed()?;
+            self.heartbeat()?;
             self.serve_requests()?;
             if let Some(u) = self.urgent.as_mut() {
                 u.poll()?;
             }
-            self.bulk.wait(Some(deadline_step))?;
-            silent += deadline_step;
-            if silent > self.config.timeout * 4 {
-                return Err(MigrateError::Timeout(
-                    "the destination never reported completion".into(),
-                ));
-            }
+            self.bulk.wait(Some(Duration::from_millis(20)))?;
         }
-        self.bulk.drain(Some(self.config.timeout))?;
+        self.bulk.drain(Some(self.config.link_timeout))?;
         Ok(())
     }
 

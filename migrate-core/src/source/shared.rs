@@ -19,6 +19,8 @@ pub enum SourcePhase {
     Finishing = 4,
     Done = 5,
     Failed = 6,
+    /// Postcopy lost its connection; reconnecting.
+    Paused = 7,
 }
 
 impl SourcePhase {
@@ -30,6 +32,7 @@ impl SourcePhase {
             3 => Self::Postcopy,
             4 => Self::Finishing,
             5 => Self::Done,
+            7 => Self::Paused,
             _ => Self::Failed,
         }
     }
@@ -74,6 +77,17 @@ impl Progress {
 /// Claim bits: bit set = the host page still has to be sent. Whoever clears it sends it.
 pub(crate) struct Claims {
     pub to_send: Vec<AtomicBitmap>,
+}
+
+impl Claims {
+    /// After a broken connection: everything the destination does not have must be sent.
+    pub fn rebuild_from_received(&self, region: usize, received: &AtomicBitmap) {
+        let bits = &self.to_send[region];
+        bits.set_all();
+        for hp in received.iter_ones() {
+            bits.clear(hp);
+        }
+    }
 }
 
 impl Claims {
@@ -128,10 +142,15 @@ pub(crate) struct Finish {
     pub done: AtomicBool,
     /// 0 = no verification, 1 = failed, 2 = passed.
     pub verified: AtomicU8,
-    pub error: Mutex<Option<String>>,
+    pub error: Mutex<Option<crate::error::MigrateError>>,
 }
 
 impl Finish {
+    /// Takes the return-path thread's error, if it stopped with one.
+    pub fn take_error(&self) -> Option<crate::error::MigrateError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     pub fn verified(&self) -> Option<bool> {
         match self.verified.load(Acquire) {
             1 => Some(false),

@@ -1,0 +1,311 @@
+//! `demo`: a whole migration on one machine, the destination and the source as two child
+//! processes of this binary over loopback TCP; `--mode all` adds the floor and compares.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use migrate_core::workload::Access;
+use migrate_core::Mode;
+
+use crate::floor::{self, BulkMode, FloorConfig, FloorOutcome};
+use crate::migrate::GuestArgs;
+use crate::report::{FloorRef, Report};
+
+/// One mode, or all three in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoMode {
+    One(Mode),
+    All,
+}
+
+impl FromStr for DemoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "all" {
+            return Ok(DemoMode::All);
+        }
+        s.parse::<Mode>()
+            .map(DemoMode::One)
+            .map_err(|e| format!("{e}, or all"))
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// vanilla, preempt, preempt-full, or all (floor, then the three modes, then a comparison).
+    #[arg(long, default_value = "preempt-full")]
+    pub mode: DemoMode,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Host pages the source guest writes per second during precopy.
+    #[arg(long, default_value_t = 20_000)]
+    pub dirty_rate: u64,
+    /// Precopy passes before postcopy (0: pure postcopy, every page is either pushed by the
+    /// bulk stream or requested by the running guest).
+    #[arg(long, default_value_t = 0)]
+    pub postcopy_after_passes: u32,
+    /// Also end precopy after this long (seconds).
+    #[arg(long)]
+    pub precopy_secs: Option<f64>,
+    /// Destination guest think time between touches (microseconds).
+    #[arg(long, default_value_t = 20)]
+    pub think_us: u64,
+    /// Destination guest touches per vCPU (0: until the migration completes).
+    #[arg(long, default_value_t = 20_000)]
+    pub touches: u64,
+    /// Also measure the floor first (always done with --mode all).
+    #[arg(long)]
+    pub floor: bool,
+    /// Requests the floor emulator measures (default 2000 for 4 KiB pages, 200 for 2 MiB).
+    #[arg(long)]
+    pub floor_requests: Option<u64>,
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Per-side silence timeout (seconds).
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the demo produced: one report per run, in order.
+pub struct DemoOutcome {
+    pub reports: Vec<Report>,
+    pub floor_avg: Option<f64>,
+    pub all: bool,
+}
+
+fn access_name(a: Access) -> &'static str {
+    match a {
+        Access::Random => "random",
+        Access::Sequential => "sequential",
+    }
+}
+
+/// Kills the child (by its own handle) if it is still running when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn read_all(child: &mut Child) -> Result<JoinHandle<Vec<u8>>> {
+    let mut out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("child stdout not captured"))?;
+    Ok(std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    }))
+}
+
+fn parse_report(who: &str, bytes: &[u8]) -> Result<Report> {
+    serde_json::from_slice(bytes).with_context(|| {
+        format!(
+            "the {who} printed no JSON report ({} bytes on stdout)",
+            bytes.len()
+        )
+    })
+}
+
+fn wait_port_file(path: &Path, dest: &mut Child, deadline: Duration) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            let s = s.trim().to_string();
+            if !s.is_empty() {
+                return Ok(s);
+            }
+        }
+        if let Some(status) = dest.try_wait()? {
+            bail!("the destination process exited before listening ({status})");
+        }
+        if start.elapsed() > deadline {
+            bail!("the destination did not start listening within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn guest_flags(g: &GuestArgs) -> Vec<String> {
+    vec![
+        "--mem".into(),
+        g.mem.0.to_string(),
+        "--page-size".into(),
+        g.page_size.name().into(),
+        "--vcpus".into(),
+        g.vcpus.to_string(),
+        "--access".into(),
+        access_name(g.access).into(),
+    ]
+}
+
+/// Runs one migration as two child processes and merges their reports.
+fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let dir = std::env::temp_dir().join(format!("migrate-cli-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let port_file: PathBuf = dir.join(format!("{}.port", mode.name()));
+    let _ = std::fs::remove_file(&port_file);
+
+    let mut dest = Command::new(&exe);
+    dest.arg("dest")
+        .args(["--listen", "127.0.0.1:0", "--port-file"])
+        .arg(&port_file)
+        .args(guest_flags(&args.guest))
+        .args(["--think-us", &args.think_us.to_string()])
+        .args(["--touches", &args.touches.to_string()])
+        .args(["--timeout-secs", &args.timeout_secs.to_string()])
+        .args(["--json", "--progress", "never"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut dest = ChildGuard(
+        dest.spawn()
+            .context("cannot start the destination process")?,
+    );
+    let dest_out = read_all(&mut dest.0)?;
+    let endpoint = wait_port_file(&port_file, &mut dest.0, Duration::from_secs(30));
+    let _ = std::fs::remove_file(&port_file);
+    let _ = std::fs::remove_dir(&dir);
+    let endpoint = endpoint?;
+    tracing::info!(%endpoint, mode = mode.name(), "destination listening; starting the source");
+
+    let mut source = Command::new(&exe);
+    source
+        .arg("source")
+        .args(["--connect", &endpoint, "--mode", mode.name()])
+        .args(guest_flags(&args.guest))
+        .args(["--dirty-rate", &args.dirty_rate.to_string()])
+        .args([
+            "--postcopy-after-passes",
+            &args.postcopy_after_passes.to_string(),
+        ])
+        .args(["--timeout-secs", &args.timeout_secs.to_string()])
+        .args(["--json", "--progress"])
+        .arg(if show_progress { "always" } else { "never" })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(s) = args.precopy_secs {
+        source.args(["--precopy-secs", &s.to_string()]);
+    }
+    if args.no_verify {
+        source.arg("--no-verify");
+    }
+    let source = source
+        .spawn()
+        .context("cannot start the source process")?
+        .wait_with_output()
+        .context("waiting for the source process")?;
+    // On error `dest` is killed by its guard.
+    let src_report = parse_report("source", &source.stdout)
+        .with_context(|| format!("the source process failed ({})", source.status))?;
+
+    // The destination finishes right after the source; bound the wait anyway.
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs.max(1) * 2);
+    let status = loop {
+        if let Some(status) = dest.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("the destination process did not finish (killed)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let dest_out = dest_out
+        .join()
+        .map_err(|_| anyhow!("destination output reader panicked"))?;
+    let dst_report = parse_report("destination", &dest_out)
+        .with_context(|| format!("the destination process failed ({status})"))?;
+    Ok(Report::merge(src_report, dst_report))
+}
+
+fn spinner(show: bool, msg: String) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(msg);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn measure_floor(args: &DemoArgs, bulk: BulkMode, show: bool) -> Result<FloorOutcome> {
+    let page = args.guest.page_size;
+    let bar = spinner(
+        show,
+        format!("floor ({} pages, bulk {})", page.name(), bulk.name()),
+    );
+    let requests = args
+        .floor_requests
+        .unwrap_or(if page.bytes() == 4096 { 2000 } else { 200 })
+        .max(1);
+    let cfg = FloorConfig {
+        page,
+        requests,
+        warmup: (requests / 20).max(10),
+        bulk,
+        vcpus: 1,
+    };
+    let out = floor::run(&cfg).with_context(|| format!("floor (bulk {})", bulk.name()));
+    bar.finish_and_clear();
+    out
+}
+
+pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
+    let show = !args.json && std::io::stderr().is_terminal();
+    let all = args.mode == DemoMode::All;
+    let mut reports = Vec::new();
+    let mut floor_ref: Option<FloorRef> = None;
+    if all || args.floor {
+        let idle = measure_floor(args, BulkMode::None, show)?;
+        floor_ref = Some(idle.floor_ref());
+        reports.push(idle.report());
+        if all {
+            reports.push(measure_floor(args, BulkMode::Separate, show)?.report());
+        }
+    }
+    let modes: Vec<Mode> = match args.mode {
+        DemoMode::One(m) => vec![m],
+        DemoMode::All => Mode::ALL.to_vec(),
+    };
+    for mode in modes {
+        if show {
+            eprintln!(
+                "migrating {} of {} pages, mode {}",
+                args.guest.mem,
+                args.guest.page_size.name(),
+                mode.name()
+            );
+        }
+        let mut r =
+            run_pair(args, mode, show).with_context(|| format!("{} migration", mode.name()))?;
+        r.floor_us = floor_ref;
+        reports.push(r);
+    }
+    Ok(DemoOutcome {
+        reports,
+        floor_avg: floor_ref.map(|f| f.avg),
+        all,
+    })
+}

@@ -1,0 +1,383 @@
+//! `dest` and `source`: one side of a migration each, driving migrate-core the way
+//! `tests/src/lib.rs` does, with progress bars and a [`Report`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use migrate_core::dirty::UffdWpDirtyLog;
+use migrate_core::source::{Progress, SourcePhase};
+use migrate_core::verify::PreWriteDigests;
+use migrate_core::workload::{fill_initial, Access, DestWorkload, PreWriteLog, SourceWorkload};
+use migrate_core::{
+    DestConfig, DestWatch, Destination, GuestMemory, Mode, PrecopyLimits, RegionSpec, Source,
+    SourceConfig,
+};
+use serde_json::json;
+use uring_net::{Endpoint, Listener};
+
+use crate::report::Report;
+use crate::size::{PageSize, Size};
+
+/// When to draw progress bars on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// When stderr is a terminal and --json is not given.
+    Auto,
+    Always,
+    Never,
+}
+
+impl ProgressMode {
+    pub fn enabled(self, json: bool) -> bool {
+        match self {
+            ProgressMode::Auto => !json && std::io::stderr().is_terminal(),
+            ProgressMode::Always => true,
+            ProgressMode::Never => false,
+        }
+    }
+}
+
+/// The guest: memory size, page size, vCPUs, access pattern (both sides must agree on the
+/// first two).
+#[derive(Args, Clone, Debug)]
+pub struct GuestArgs {
+    /// Guest memory size (512M, 4G, 2MiB, 1GiB, 4096).
+    #[arg(long, default_value = "1G")]
+    pub mem: Size,
+    /// Host page size: 4k (anonymous), 2m (hugetlb, needs /proc/sys/vm/nr_hugepages) or thp.
+    #[arg(long, default_value = "4k")]
+    pub page_size: PageSize,
+    /// Guest vCPU threads.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// How the guest's vCPUs pick pages: random or sequential.
+    #[arg(long, default_value = "random")]
+    pub access: Access,
+}
+
+impl GuestArgs {
+    pub fn allocate(&self) -> Result<Arc<GuestMemory>> {
+        let page = self.page_size.bytes();
+        if self.mem.0 == 0 || !self.mem.0.is_multiple_of(page) {
+            bail!(
+                "--mem {} is not a positive multiple of the {} host page size",
+                self.mem,
+                self.page_size.name()
+            );
+        }
+        if self.vcpus == 0 {
+            bail!("--vcpus must be at least 1");
+        }
+        let mem = GuestMemory::allocate(&[RegionSpec {
+            name: "ram".into(),
+            size: self.mem.0,
+            backing: self.page_size.backing(),
+        }])
+        .with_context(|| {
+            format!(
+                "allocating {} of guest memory with {} pages",
+                self.mem,
+                self.page_size.name()
+            )
+        })?;
+        Ok(Arc::new(mem))
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        json!({
+            "mem_bytes": self.mem.0,
+            "page_size": self.page_size.name(),
+            "vcpus": self.vcpus,
+            "access": self.access,
+        })
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DestArgs {
+    /// Where to listen: IP:PORT (port 0 picks one) or unix:/path.
+    #[arg(long)]
+    pub listen: Endpoint,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Guest think time between page touches, in microseconds.
+    #[arg(long, default_value_t = 20)]
+    pub think_us: u64,
+    /// Page touches per vCPU once the guest runs here (0: until the migration completes).
+    #[arg(long, default_value_t = 20_000)]
+    pub touches: u64,
+    /// Give up if the source is silent this long (seconds).
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// Write the bound endpoint (with the real port) to this file once listening.
+    #[arg(long)]
+    pub port_file: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of the human report.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct SourceArgs {
+    /// The destination: IP:PORT or unix:/path.
+    #[arg(long)]
+    pub connect: Endpoint,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Host pages the source guest writes per second during precopy.
+    #[arg(long, default_value_t = 20_000)]
+    pub dirty_rate: u64,
+    /// How requested pages are sent: vanilla, preempt or preempt-full.
+    #[arg(long, default_value = "preempt-full")]
+    pub mode: Mode,
+    /// Switch to postcopy after this long in precopy (seconds).
+    #[arg(long)]
+    pub precopy_secs: Option<f64>,
+    /// Switch to postcopy after this many precopy passes (0: pure postcopy).
+    #[arg(long)]
+    pub postcopy_after_passes: Option<u32>,
+    /// Do not send page digests (the destination then cannot verify).
+    #[arg(long)]
+    pub no_verify: bool,
+    /// TCP connect timeout (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    pub connect_timeout_secs: f64,
+    /// Give up if the destination is silent this long (seconds).
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+}
+
+impl SourceArgs {
+    fn limits(&self) -> Result<PrecopyLimits> {
+        let mut limits = PrecopyLimits::default();
+        if let Some(s) = self.precopy_secs {
+            if !(s.is_finite() && s >= 0.0) {
+                bail!("--precopy-secs must be a non-negative number of seconds");
+            }
+            limits.max_time = Duration::from_secs_f64(s);
+            if self.postcopy_after_passes.is_none() {
+                limits.max_passes = u32::MAX;
+            }
+        }
+        if let Some(n) = self.postcopy_after_passes {
+            limits.max_passes = n;
+        }
+        Ok(limits)
+    }
+}
+
+/// Runs the destination side; the report's `verified` says whether memory arrived intact.
+pub fn run_dest(args: &DestArgs) -> Result<Report> {
+    let mem = args.guest.allocate()?;
+    let log = Arc::new(PreWriteLog::new(&mem));
+    let listener = Listener::bind(&args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener
+        .local_endpoint()
+        .context("cannot read the bound endpoint")?;
+    if let Some(path) = &args.port_file {
+        // Write then rename, so a reader never sees a partial endpoint.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{local}\n"))
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot write the port file {}", path.display()))?;
+    }
+    tracing::info!(endpoint = %local, mem = %args.guest.mem, "destination listening");
+
+    let config = DestConfig {
+        timeout: Duration::from_secs(args.timeout_secs.max(1)),
+        ..DestConfig::default()
+    };
+    let dest = Destination::new(mem.clone(), config)
+        .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
+    let bar = DestBar::start(dest.watch(), args.progress.enabled(args.json));
+
+    let guest: Arc<Mutex<Option<DestWorkload>>> = Arc::default();
+    let mut run = {
+        let (guest, mem, log) = (guest.clone(), mem.clone(), log.clone());
+        let (vcpus, access) = (args.guest.vcpus, args.guest.access);
+        let (think, touches) = (Duration::from_micros(args.think_us), args.touches);
+        move || {
+            tracing::info!("guest running on the destination");
+            *guest.lock().unwrap_or_else(|p| p.into_inner()) = Some(DestWorkload::start(
+                mem.clone(),
+                log.clone(),
+                vcpus,
+                access,
+                think,
+                touches,
+            ));
+        }
+    };
+    let result = dest.accept(&listener, &mut run);
+    bar.finish();
+    // The guest has run through postcopy; stop it now that every page is here.
+    let (touches, writes) = match guest.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(mut w) => {
+            w.stop();
+            (Some(w.touches.load(Relaxed)), Some(w.writes.load(Relaxed)))
+        }
+        None => (None, None),
+    };
+    let report = result.context("migration failed on the destination")?;
+    let mut settings = args.guest.settings();
+    settings["think_us"] = json!(args.think_us);
+    settings["touches_per_vcpu"] = json!(args.touches);
+    settings["guest_touches"] = json!(touches);
+    settings["guest_writes"] = json!(writes);
+    settings["listen"] = json!(local.to_string());
+    Ok(Report::from_dest(&report, None, settings))
+}
+
+/// Runs the source side.
+pub fn run_source(args: &SourceArgs) -> Result<Report> {
+    let limits = args.limits()?;
+    if !(args.connect_timeout_secs.is_finite() && args.connect_timeout_secs > 0.0) {
+        bail!("--connect-timeout-secs must be positive");
+    }
+    let mem = args.guest.allocate()?;
+    fill_initial(&mem, 4);
+    let mut dirty = UffdWpDirtyLog::new()
+        .context("cannot set up dirty tracking (userfaultfd write-protect)")?;
+    let mut workload = SourceWorkload::start(
+        mem.clone(),
+        args.guest.vcpus,
+        args.guest.access,
+        args.dirty_rate,
+    );
+    let config = SourceConfig {
+        mode: args.mode,
+        precopy: limits.clone(),
+        verify: !args.no_verify,
+        timeout: Duration::from_secs(args.timeout_secs.max(1)),
+        connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
+        ..SourceConfig::default()
+    };
+    let source = Source::new(mem.clone(), config);
+    let bar = SourceBar::start(source.progress(), args.progress.enabled(args.json));
+    let guest_writes = Arc::new(Mutex::new(None));
+    let mut pause = {
+        let guest_writes = guest_writes.clone();
+        move || -> Result<(), String> {
+            let n = workload.pause();
+            *guest_writes.lock().unwrap_or_else(|p| p.into_inner()) = Some(n);
+            Ok(())
+        }
+    };
+    tracing::info!(to = %args.connect, mode = args.mode.name(), "source migrating");
+    let result = source.migrate(&args.connect, &mut dirty, &mut pause);
+    bar.finish();
+    let report = result.with_context(|| format!("migration to {} failed", args.connect))?;
+    let mut settings = args.guest.settings();
+    settings["mode"] = json!(args.mode.name());
+    settings["dirty_rate"] = json!(args.dirty_rate);
+    settings["max_passes"] = json!(limits.max_passes);
+    settings["max_precopy_secs"] = json!(limits.max_time.as_secs_f64());
+    settings["verify"] = json!(!args.no_verify);
+    settings["source_guest_writes"] =
+        json!(*guest_writes.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Report::from_source(&report, settings))
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>10} [{bar:20}] {percent:>3}% {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// A progress bar polled from a thread until [`finish`](Self::finish).
+struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Poller {
+    fn spawn(enabled: bool, mut tick: impl FnMut(&ProgressBar) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = enabled.then(|| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+                bar.set_style(bar_style());
+                while !stop.load(Relaxed) {
+                    tick(&bar);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                tick(&bar);
+                bar.finish_and_clear();
+            })
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct SourceBar;
+
+impl SourceBar {
+    fn start(progress: Arc<Progress>, enabled: bool) -> Poller {
+        let mut last = (Instant::now(), 0u64);
+        Poller::spawn(enabled, move |bar| {
+            let total = progress.total_pages.load(Relaxed);
+            let left = progress.pages_left.load(Relaxed);
+            let c = progress.counters.snapshot();
+            let bytes = c.bytes_bulk + c.bytes_urgent;
+            let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+            let rate = (bytes.saturating_sub(last.1)) as f64 / dt / 1e9;
+            last = (Instant::now(), bytes);
+            bar.set_length(total.max(1));
+            bar.set_position(total.saturating_sub(left));
+            let phase = progress.phase();
+            bar.set_prefix(format!("{phase:?}").to_lowercase());
+            let msg = match phase {
+                SourcePhase::Precopy => format!(
+                    "pass {}, {left} pages left, {rate:.2} GB/s",
+                    progress.pass.load(Relaxed)
+                ),
+                SourcePhase::Postcopy | SourcePhase::Finishing => format!(
+                    "{left} left, {} requests served, {rate:.2} GB/s",
+                    c.requests
+                ),
+                _ => String::new(),
+            };
+            bar.set_message(msg);
+        })
+    }
+}
+
+struct DestBar;
+
+impl DestBar {
+    fn start(watch: DestWatch, enabled: bool) -> Poller {
+        Poller::spawn(enabled, move |bar| {
+            let s = watch.snapshot();
+            bar.set_length(s.total_pages.max(1));
+            bar.set_position(s.pages_received);
+            bar.set_prefix(s.phase);
+            bar.set_message(format!(
+                "{} left, {} requests",
+                s.total_pages.saturating_sub(s.pages_received),
+                s.counters.requests
+            ));
+        })
+    }
+}

@@ -1,0 +1,352 @@
+//! End-to-end tests of the built `migrate-cli` binary: small guests, loopback only.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_migrate-cli");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run migrate-cli")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "status {}; stderr:\n{}",
+        o.status,
+        stderr(o)
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON document ({e}):\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    })
+}
+
+fn assert_latency(v: &Value, what: &str) {
+    let l = &v["latency_us"];
+    for k in ["avg", "p50", "p99", "p999", "max"] {
+        assert!(
+            l[k].as_f64().is_some(),
+            "{what}: latency_us.{k} missing in {l}"
+        );
+    }
+    assert!(l["count"].as_u64().is_some(), "{what}: latency_us.count");
+    assert!(
+        l["buckets"].as_array().is_some(),
+        "{what}: latency_us.buckets"
+    );
+}
+
+/// The fields every migration report carries.
+fn assert_migration_fields(v: &Value, mode: &str) {
+    assert_eq!(v["mode"], mode, "{v}");
+    assert_eq!(v["verified"], Value::Bool(true), "not verified: {v}");
+    assert_latency(v, mode);
+    assert!(v.get("floor_us").is_some(), "floor_us missing");
+    for k in ["bulk", "urgent", "zero"] {
+        assert!(v["pages"][k].as_u64().is_some(), "pages.{k}");
+    }
+    for k in ["bulk", "urgent"] {
+        assert!(v["bytes"][k].as_u64().is_some(), "bytes.{k}");
+    }
+    assert!(v["total_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["downtime_ms"].as_f64().is_some());
+    assert!(v["throughput_gbps"].as_f64().unwrap() > 0.0);
+    // 32 MiB of 4 KiB pages: every one is sent in bulk, sent urgently or is a zero page.
+    let p = &v["pages"];
+    let total =
+        p["bulk"].as_u64().unwrap() + p["urgent"].as_u64().unwrap() + p["zero"].as_u64().unwrap();
+    assert!(total >= 8192, "only {total} pages accounted for: {p}");
+    // Pure postcopy (the demo's default) with a guest touching random pages at once: the guest
+    // faults on pages the bulk stream has not reached yet.
+    let requests = v["requests"].as_u64().unwrap();
+    assert!(requests > 0, "no page requests: {v}");
+    assert!(
+        v["latency_us"]["count"].as_u64().unwrap() > 0,
+        "no latency samples"
+    );
+}
+
+fn demo(mode: &str) {
+    let o = run(&["demo", "--json", "--mem", "32M", "--mode", mode]);
+    let v = json(&o);
+    assert_migration_fields(&v, mode);
+    assert_eq!(
+        v["floor_us"],
+        Value::Null,
+        "no floor measured without --floor"
+    );
+}
+
+#[test]
+fn demo_vanilla() {
+    demo("vanilla");
+}
+
+#[test]
+fn demo_preempt() {
+    demo("preempt");
+}
+
+#[test]
+fn demo_preempt_full() {
+    demo("preempt-full");
+}
+
+#[test]
+fn demo_all_compares_against_the_floor() {
+    let o = run(&[
+        "demo",
+        "--json",
+        "--mode",
+        "all",
+        "--mem",
+        "16M",
+        "--floor-requests",
+        "200",
+    ]);
+    let v = json(&o);
+    let rows = v.as_array().expect("an array of reports");
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(
+        modes,
+        [
+            "floor",
+            "floor+bulk-separate",
+            "vanilla",
+            "preempt",
+            "preempt-full"
+        ]
+    );
+    let floor = &rows[0];
+    assert_latency(floor, "floor");
+    assert_eq!(floor["latency_us"]["count"], 200);
+    assert_eq!(floor["verified"], Value::Null);
+    let floor_avg = floor["latency_us"]["avg"].as_f64().unwrap();
+    for r in &rows[2..] {
+        assert_eq!(r["verified"], Value::Bool(true), "{r}");
+        assert_eq!(r["floor_us"]["avg"].as_f64(), Some(floor_avg));
+    }
+}
+
+#[test]
+fn human_demo_report_has_histogram() {
+    let o = run(&["demo", "--mem", "16M", "--mode", "preempt-full"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("Average: "), "{out}");
+    assert!(out.contains("@delay_us:\n"), "{out}");
+    assert!(out.contains("p99.9"), "{out}");
+    assert!(out.contains("verification: OK"), "{out}");
+}
+
+#[test]
+fn floor_json() {
+    let o = run(&["floor", "--json", "--requests", "300", "--warmup", "20"]);
+    let v = json(&o);
+    assert_eq!(v["mode"], "floor");
+    assert_latency(&v, "floor");
+    assert_eq!(v["latency_us"]["count"], 300);
+    assert_eq!(v["requests"], 300);
+    let l = &v["latency_us"];
+    let (p50, p99, max) = (
+        l["p50"].as_f64().unwrap(),
+        l["p99"].as_f64().unwrap(),
+        l["max"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{l}");
+    assert_eq!(v["floor_us"]["p50"], l["p50"]);
+    assert_eq!(v["bytes"]["urgent"], 300 * 4096);
+}
+
+#[test]
+fn floor_with_bulk_on_the_same_connection() {
+    let o = run(&["floor", "--json", "--requests", "50", "--bulk", "same"]);
+    let v = json(&o);
+    assert_eq!(v["mode"], "floor+bulk-same");
+    assert_eq!(v["latency_us"]["count"], 50);
+    assert!(
+        v["bytes"]["bulk"].as_u64().unwrap() > 0,
+        "no bulk stream: {v}"
+    );
+}
+
+fn port_file(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("migrate-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn wait_for(path: &PathBuf) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                let _ = std::fs::remove_file(path);
+                return s.trim().to_string();
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "dest never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn dest_and_source_processes() {
+    let pf = port_file("pair");
+    let dest = Command::new(BIN)
+        .args([
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--mem",
+            "16M",
+            "--json",
+            "--port-file",
+        ])
+        .arg(&pf)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ep = wait_for(&pf);
+    let src = run(&[
+        "source",
+        "--connect",
+        &ep,
+        "--mem",
+        "16M",
+        "--mode",
+        "preempt",
+        "--postcopy-after-passes",
+        "1",
+        "--json",
+    ]);
+    let dst = dest.wait_with_output().unwrap();
+    let s = json(&src);
+    let d = json(&dst);
+    assert_eq!(s["mode"], "preempt");
+    assert_eq!(s["verified"], Value::Bool(true));
+    assert_eq!(s["precopy_passes"], 1);
+    assert_eq!(d["verified"], Value::Bool(true));
+    assert_latency(&d, "dest");
+    // What one side sent, the other received.
+    assert_eq!(s["bytes"]["bulk"], d["bytes"]["bulk"]);
+    assert_eq!(s["bytes"]["urgent"], d["bytes"]["urgent"]);
+}
+
+#[test]
+fn mismatched_memory_sizes_fail_on_both_sides() {
+    let pf = port_file("mismatch");
+    let dest = Command::new(BIN)
+        .args([
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--mem",
+            "8M",
+            "--json",
+            "--port-file",
+        ])
+        .arg(&pf)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ep = wait_for(&pf);
+    let src = run(&["source", "--connect", &ep, "--mem", "16M", "--json"]);
+    let dst = dest.wait_with_output().unwrap();
+    assert!(!src.status.success());
+    assert!(!dst.status.success());
+    assert!(src.stdout.is_empty(), "no report on failure");
+    for o in [&src, &dst] {
+        let e = stderr(o);
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        assert!(e.starts_with("error: "), "{e}");
+        assert!(e.contains("mismatch"), "{e}");
+    }
+}
+
+#[test]
+fn bad_size_is_rejected() {
+    let o = run(&["demo", "--mem", "12Q"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("invalid size \"12Q\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_mode_is_rejected() {
+    let o = run(&["demo", "--mode", "warp"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown mode"), "{}", stderr(&o));
+    let o = run(&["source", "--connect", "127.0.0.1:1", "--mode", "warp"]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn mem_not_a_multiple_of_the_page_size_is_rejected() {
+    let o = run(&[
+        "dest",
+        "--listen",
+        "127.0.0.1:0",
+        "--mem",
+        "3M",
+        "--page-size",
+        "2m",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("error: --mem 3MiB is not a positive multiple"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unreachable_peer_fails_fast_with_one_line() {
+    let start = Instant::now();
+    let o = run(&[
+        "source",
+        "--connect",
+        "127.0.0.1:1",
+        "--mem",
+        "4M",
+        "--connect-timeout-secs",
+        "2",
+    ]);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with("error: migration to 127.0.0.1:1 failed"),
+        "{e}"
+    );
+    assert!(e.contains("refused"), "{e}");
+}
