@@ -1,5 +1,5 @@
 //! `ReturnMsg::decode` on arbitrary 16-byte headers: never panics; requests are in range, error
-//! messages bounded, and accepted headers round-trip.
+//! messages bounded, bitmaps sized for their region, and accepted headers round-trip.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,15 +13,21 @@ fuzz_target!(|data: &[u8]| {
         let Ok(m) = ReturnMsg::decode(&hdr, &t) else {
             continue;
         };
-        if let ReturnMsg::Request {
-            region,
-            offset,
-            len,
-        } = m
-        {
-            assert!(in_range(&t, region, offset, len as u64), "{m:?}");
+        match m {
+            ReturnMsg::Request {
+                region,
+                offset,
+                len,
+            } => assert!(in_range(&t, region, offset, len as u64), "{m:?}"),
+            ReturnMsg::Error { len } => assert!(len <= MAX_ERROR_MESSAGE),
+            ReturnMsg::Bitmap { region, len } => {
+                // One bit per host page of the region, rounded up to whole bytes.
+                let info = t.get(region).expect("bitmap for a known region");
+                let pages = info.len / info.host_page_size as u64;
+                assert!(len as u64 >= pages.div_ceil(8) && len as u64 <= pages.div_ceil(8) + 7);
+            }
+            ReturnMsg::Done { .. } | ReturnMsg::Pong => assert_eq!(m.payload_len(), 0),
         }
-        assert!(m.payload_len() <= MAX_ERROR_MESSAGE as usize);
         assert_eq!(ReturnMsg::decode(&m.encode(), &t), Ok(m));
     }
 });

@@ -29,7 +29,7 @@ pub fn in_range(table: &RegionTable, region: u16, offset: u64, len: u64) -> bool
     };
     let page = info.host_page_size as u64;
     len > 0
-        && offset % page == 0
-        && len % page == 0
+        && offset.is_multiple_of(page)
+        && len.is_multiple_of(page)
         && offset.checked_add(len).is_some_and(|end| end <= info.len)
 }

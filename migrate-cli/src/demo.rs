@@ -1,7 +1,8 @@
 //! `demo`: a whole migration on one machine, the destination and the source as two child
 //! processes of this binary over loopback TCP; `--mode all` adds the floor and compares.
 
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -71,8 +72,53 @@ pub struct DemoArgs {
     /// Per-side silence timeout (seconds).
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
+    /// Pre-shared key file handed to both sides. Without it the demo writes a fresh random
+    /// key to a private (0600) file in a temporary directory for its two processes and deletes
+    /// it afterwards, so the demo's connections are always authenticated.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// Testing: the source breaks its connections this many times during postcopy.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub chaos_breaks: u32,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A private temporary directory, removed with everything in it when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "migrate-cli-demo-{}-{tag}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a fresh random key (64 hex digits) to a file only the owner can read.
+fn write_random_key(path: &Path) -> Result<()> {
+    let bytes: [u8; 32] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create the key file {}", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// What the demo produced: one report per run, in order.
@@ -157,10 +203,17 @@ fn guest_flags(g: &GuestArgs) -> Vec<String> {
 /// Runs one migration as two child processes and merges their reports.
 fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    let dir = std::env::temp_dir().join(format!("migrate-cli-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let port_file: PathBuf = dir.join(format!("{}.port", mode.name()));
-    let _ = std::fs::remove_file(&port_file);
+    // Removed (with the generated key) when this function returns, whatever happens.
+    let dir = TempDir::new(mode.name())?;
+    let port_file: PathBuf = dir.0.join("port");
+    let key_file = match &args.key_file {
+        Some(k) => k.clone(),
+        None => {
+            let k = dir.0.join("key");
+            write_random_key(&k)?;
+            k
+        }
+    };
 
     let mut dest = Command::new(&exe);
     dest.arg("dest")
@@ -170,6 +223,8 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
         .args(["--think-us", &args.think_us.to_string()])
         .args(["--touches", &args.touches.to_string()])
         .args(["--timeout-secs", &args.timeout_secs.to_string()])
+        .arg("--key-file")
+        .arg(&key_file)
         .args(["--json", "--progress", "never"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -180,8 +235,6 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
     );
     let dest_out = read_all(&mut dest.0)?;
     let endpoint = wait_port_file(&port_file, &mut dest.0, Duration::from_secs(30));
-    let _ = std::fs::remove_file(&port_file);
-    let _ = std::fs::remove_dir(&dir);
     let endpoint = endpoint?;
     tracing::info!(%endpoint, mode = mode.name(), "destination listening; starting the source");
 
@@ -196,6 +249,9 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
             &args.postcopy_after_passes.to_string(),
         ])
         .args(["--timeout-secs", &args.timeout_secs.to_string()])
+        .arg("--key-file")
+        .arg(&key_file)
+        .args(["--chaos-breaks", &args.chaos_breaks.to_string()])
         .args(["--json", "--progress"])
         .arg(if show_progress { "always" } else { "never" })
         .stdin(Stdio::null())
@@ -274,6 +330,10 @@ fn measure_floor(args: &DemoArgs, bulk: BulkMode, show: bool) -> Result<FloorOut
 
 pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
     let show = !args.json && std::io::stderr().is_terminal();
+    if let Some(k) = &args.key_file {
+        // Fail here, once, rather than in both children.
+        crate::migrate::load_key(k)?;
+    }
     let all = args.mode == DemoMode::All;
     let mut reports = Vec::new();
     let mut floor_ref: Option<FloorRef> = None;

@@ -105,6 +105,7 @@ impl FloorOutcome {
             precopy_passes: None,
             precopy_ms: None,
             postcopy_ms: None,
+            recoveries: None,
             verify: None,
             settings: json!({
                 "page_size": c.page.name(),

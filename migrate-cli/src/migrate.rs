@@ -2,7 +2,7 @@
 //! `tests/src/lib.rs` does, with progress bars and a [`Report`].
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,12 +12,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use migrate_core::dirty::UffdWpDirtyLog;
+use migrate_core::protocol::AuthKey;
 use migrate_core::source::{Progress, SourcePhase};
 use migrate_core::verify::PreWriteDigests;
 use migrate_core::workload::{fill_initial, Access, DestWorkload, PreWriteLog, SourceWorkload};
 use migrate_core::{
-    DestConfig, DestWatch, Destination, GuestMemory, Mode, PrecopyLimits, RegionSpec, Source,
-    SourceConfig,
+    DestConfig, DestWatch, Destination, GuestMemory, Mode, PrecopyLimits, ReconnectPolicy,
+    RegionSpec, Source, SourceConfig,
 };
 use serde_json::json;
 use uring_net::{Endpoint, Listener};
@@ -113,9 +114,21 @@ pub struct DestArgs {
     /// Page touches per vCPU once the guest runs here (0: until the migration completes).
     #[arg(long, default_value_t = 20_000)]
     pub touches: u64,
-    /// Give up if the source is silent this long (seconds).
+    /// Give up if the source is silent this long before postcopy, or a handshake stalls
+    /// (seconds).
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
+    /// Pre-shared key file (at least 16 bytes; surrounding whitespace is ignored). Every
+    /// connection must prove the same key; without one the port accepts anyone who reaches it.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// A connection with no traffic from the source for this long counts as broken; in
+    /// postcopy the migration then pauses and waits for the source to reconnect (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    pub link_timeout_secs: f64,
+    /// How long a paused postcopy waits for the source to reconnect before failing (seconds).
+    #[arg(long, default_value_t = 600)]
+    pub resume_timeout_secs: u64,
     /// Write the bound endpoint (with the real port) to this file once listening.
     #[arg(long)]
     pub port_file: Option<PathBuf>,
@@ -154,6 +167,27 @@ pub struct SourceArgs {
     /// Give up if the destination is silent this long (seconds).
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
+    /// Pre-shared key file (at least 16 bytes; surrounding whitespace is ignored); the
+    /// destination must hold the same key. Without one, memory goes to whoever answers.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// Reconnect attempts after a connection breaks in postcopy (0: fail at once instead of
+    /// pausing). Precopy is never resumed: a break there cancels the migration.
+    #[arg(long, value_name = "RETRIES", default_value_t = 20)]
+    pub reconnect: u32,
+    /// Wait before the first reconnect attempt; doubled per attempt up to 2 s (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub reconnect_backoff_ms: u64,
+    /// A connection with no traffic from the destination for this long counts as broken
+    /// (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    pub link_timeout_secs: f64,
+    /// Send a ping this often so both sides see traffic when no pages flow (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// Testing: break the connections this many times at random moments of postcopy.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub chaos_breaks: u32,
     #[arg(long)]
     pub json: bool,
     #[arg(long, value_enum, default_value = "auto")]
@@ -179,8 +213,56 @@ impl SourceArgs {
     }
 }
 
+/// Reads a pre-shared key file.
+pub fn load_key(path: &Path) -> Result<AuthKey> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the key file {}", path.display()))?;
+    AuthKey::new(&bytes).map_err(|e| anyhow::anyhow!("unusable key file {}: {e}", path.display()))
+}
+
+/// The key from `--key-file`, if given.
+fn key_from(path: Option<&Path>) -> Result<Option<AuthKey>> {
+    path.map(load_key).transpose()
+}
+
+/// One warning line when the connection is unauthenticated (after the arguments are known to
+/// be good, so a bad argument gives one line).
+fn warn_without_key(key: &Option<AuthKey>, warning: &str) {
+    if key.is_none() {
+        eprintln!("warning: no --key-file: {warning}");
+    }
+}
+
+fn seconds(what: &str, s: f64) -> Result<Duration> {
+    if !(s.is_finite() && s > 0.0) {
+        bail!("{what} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// Breaks the source's connections `breaks` times at random moments of postcopy, until `stop`.
+/// Returns how many breaks it made.
+fn chaos(source: &Source, breaks: u32, stop: &AtomicBool) -> u32 {
+    let progress = source.progress();
+    let mut made = 0;
+    while made < breaks && !stop.load(Acquire) {
+        std::thread::sleep(Duration::from_micros(rand::Rng::gen_range(
+            &mut rand::thread_rng(),
+            200..3000,
+        )));
+        if progress.phase() == SourcePhase::Postcopy {
+            tracing::warn!("chaos: breaking the connection ({} of {breaks})", made + 1);
+            source.interrupt_link();
+            made += 1;
+        }
+    }
+    made
+}
+
 /// Runs the destination side; the report's `verified` says whether memory arrived intact.
 pub fn run_dest(args: &DestArgs) -> Result<Report> {
+    let link_timeout = seconds("--link-timeout-secs", args.link_timeout_secs)?;
+    let key = key_from(args.key_file.as_deref())?;
     let mem = args.guest.allocate()?;
     let log = Arc::new(PreWriteLog::new(&mem));
     let listener = Listener::bind(&args.listen)
@@ -195,10 +277,17 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
             .and_then(|_| std::fs::rename(&tmp, path))
             .with_context(|| format!("cannot write the port file {}", path.display()))?;
     }
+    warn_without_key(
+        &key,
+        "the migration port accepts connections from anyone who can reach it",
+    );
     tracing::info!(endpoint = %local, mem = %args.guest.mem, "destination listening");
 
     let config = DestConfig {
         timeout: Duration::from_secs(args.timeout_secs.max(1)),
+        key,
+        link_timeout,
+        resume_timeout: Duration::from_secs(args.resume_timeout_secs.max(1)),
         ..DestConfig::default()
     };
     let dest = Destination::new(mem.clone(), config)
@@ -239,6 +328,9 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
     settings["guest_touches"] = json!(touches);
     settings["guest_writes"] = json!(writes);
     settings["listen"] = json!(local.to_string());
+    settings["authenticated"] = json!(args.key_file.is_some());
+    settings["link_timeout_secs"] = json!(args.link_timeout_secs);
+    settings["resume_timeout_secs"] = json!(args.resume_timeout_secs);
     Ok(Report::from_dest(&report, None, settings))
 }
 
@@ -248,7 +340,16 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     if !(args.connect_timeout_secs.is_finite() && args.connect_timeout_secs > 0.0) {
         bail!("--connect-timeout-secs must be positive");
     }
+    let link_timeout = seconds("--link-timeout-secs", args.link_timeout_secs)?;
+    if args.heartbeat_ms == 0 {
+        bail!("--heartbeat-ms must be positive");
+    }
+    let key = key_from(args.key_file.as_deref())?;
     let mem = args.guest.allocate()?;
+    warn_without_key(
+        &key,
+        "guest memory goes to whoever answers at the destination address",
+    );
     fill_initial(&mem, 4);
     let mut dirty = UffdWpDirtyLog::new()
         .context("cannot set up dirty tracking (userfaultfd write-protect)")?;
@@ -264,6 +365,14 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         verify: !args.no_verify,
         timeout: Duration::from_secs(args.timeout_secs.max(1)),
         connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
+        key,
+        reconnect: ReconnectPolicy {
+            retries: args.reconnect,
+            backoff: Duration::from_millis(args.reconnect_backoff_ms),
+            ..ReconnectPolicy::default()
+        },
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+        link_timeout,
         ..SourceConfig::default()
     };
     let source = Source::new(mem.clone(), config);
@@ -278,7 +387,14 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         }
     };
     tracing::info!(to = %args.connect, mode = args.mode.name(), "source migrating");
-    let result = source.migrate(&args.connect, &mut dirty, &mut pause);
+    let stop = AtomicBool::new(false);
+    let (result, breaks) = std::thread::scope(|s| {
+        let chaos =
+            (args.chaos_breaks > 0).then(|| s.spawn(|| chaos(&source, args.chaos_breaks, &stop)));
+        let r = source.migrate(&args.connect, &mut dirty, &mut pause);
+        stop.store(true, Release);
+        (r, chaos.map_or(0, |c| c.join().unwrap_or(0)))
+    });
     bar.finish();
     let report = result.with_context(|| format!("migration to {} failed", args.connect))?;
     let mut settings = args.guest.settings();
@@ -287,6 +403,14 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     settings["max_passes"] = json!(limits.max_passes);
     settings["max_precopy_secs"] = json!(limits.max_time.as_secs_f64());
     settings["verify"] = json!(!args.no_verify);
+    settings["authenticated"] = json!(args.key_file.is_some());
+    settings["reconnect_retries"] = json!(args.reconnect);
+    settings["reconnect_backoff_ms"] = json!(args.reconnect_backoff_ms);
+    settings["link_timeout_secs"] = json!(args.link_timeout_secs);
+    settings["heartbeat_ms"] = json!(args.heartbeat_ms);
+    if args.chaos_breaks > 0 {
+        settings["chaos_breaks"] = json!(breaks);
+    }
     settings["source_guest_writes"] =
         json!(*guest_writes.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(Report::from_source(&report, settings))
@@ -349,6 +473,10 @@ impl SourceBar {
             let phase = progress.phase();
             bar.set_prefix(format!("{phase:?}").to_lowercase());
             let msg = match phase {
+                SourcePhase::Paused => format!(
+                    "link lost, resuming (reconnecting), {left} left, {} requests served",
+                    c.requests
+                ),
                 SourcePhase::Precopy => format!(
                     "pass {}, {left} pages left, {rate:.2} GB/s",
                     progress.pass.load(Relaxed)
@@ -372,12 +500,17 @@ impl DestBar {
             let s = watch.snapshot();
             bar.set_length(s.total_pages.max(1));
             bar.set_position(s.pages_received);
-            bar.set_prefix(s.phase);
-            bar.set_message(format!(
-                "{} left, {} requests",
-                s.total_pages.saturating_sub(s.pages_received),
-                s.counters.requests
-            ));
+            let left = s.total_pages.saturating_sub(s.pages_received);
+            if s.paused {
+                bar.set_prefix("paused");
+                bar.set_message(format!(
+                    "link lost, waiting for the source to resume; {left} left, {} requests",
+                    s.counters.requests
+                ));
+            } else {
+                bar.set_prefix(s.phase);
+                bar.set_message(format!("{left} left, {} requests", s.counters.requests));
+            }
         })
     }
 }

@@ -126,6 +126,10 @@ pub struct Report {
     pub precopy_passes: Option<u64>,
     pub precopy_ms: Option<f64>,
     pub postcopy_ms: Option<f64>,
+    /// Times postcopy survived a broken connection (counted by the source; null in a
+    /// destination's own report).
+    #[serde(default)]
+    pub recoveries: Option<u64>,
     /// Verification details (pages checked, written by the guest, mismatches).
     pub verify: Option<serde_json::Value>,
     /// What was run (memory size, page size, vCPUs, access pattern, ...).
@@ -169,6 +173,7 @@ impl Report {
             precopy_passes: Some(r.precopy_passes as u64),
             precopy_ms: Some(r.precopy_ms),
             postcopy_ms: None,
+            recoveries: Some(r.recoveries as u64),
             verify: None,
             settings,
             source: serde_json::to_value(r).ok(),
@@ -200,6 +205,7 @@ impl Report {
             precopy_passes: Some(c.precopy_passes),
             precopy_ms: None,
             postcopy_ms: Some(r.postcopy_ms),
+            recoveries: Some(r.recoveries as u64),
             verify: r.verify.as_ref().and_then(|v| serde_json::to_value(v).ok()),
             settings,
             source: None,
@@ -229,6 +235,7 @@ impl Report {
             precopy_passes: src.precopy_passes,
             precopy_ms: src.precopy_ms,
             postcopy_ms: dst.postcopy_ms,
+            recoveries: src.recoveries.or(dst.recoveries),
             verify: dst.verify,
             settings: merge_settings(src.settings, dst.settings),
             source: src.source,
@@ -285,6 +292,9 @@ impl Report {
                 o,
                 "postcopy (guest running here until complete): {ms:.1} ms"
             );
+        }
+        if let Some(n) = self.recoveries {
+            let _ = writeln!(o, "recoveries (postcopy resumed after a broken link): {n}");
         }
         let downtime = self
             .downtime_ms
@@ -416,6 +426,7 @@ mod tests {
             precopy_passes: Some(1),
             precopy_ms: Some(100.0),
             postcopy_ms: Some(150.0),
+            recoveries: Some(2),
             verify: Some(serde_json::json!({
                 "pages_checked": 1150, "pages_written_by_guest": 7,
                 "mismatches": 0, "missing_digests": 0, "first_mismatches": []
@@ -443,6 +454,10 @@ mod tests {
         assert!(text.contains("zero 50"), "{text}");
         assert!(text.contains("requests: 100"), "{text}");
         assert!(text.contains("downtime: 1.50 ms"), "{text}");
+        assert!(
+            text.contains("recoveries (postcopy resumed after a broken link): 2"),
+            "{text}"
+        );
         assert!(
             text.contains("verification: OK (1150 pages checked"),
             "{text}"
@@ -475,6 +490,7 @@ mod tests {
             "total_ms",
             "downtime_ms",
             "throughput_gbps",
+            "recoveries",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
@@ -502,6 +518,7 @@ mod tests {
         dst.requests = 9;
         dst.verified = Some(false);
         dst.settings = serde_json::json!({"mem": 3, "touches": 5});
+        dst.recoveries = None;
         let m = Report::merge(src, dst);
         assert_eq!(m.role, "migration");
         assert_eq!(m.mode.as_deref(), Some("preempt-full"));
@@ -511,6 +528,7 @@ mod tests {
         assert!(m.latency_us.is_some());
         assert_eq!(m.settings["mem"], 2);
         assert_eq!(m.settings["touches"], 5);
+        assert_eq!(m.recoveries, Some(2), "recoveries come from the source");
     }
 
     #[test]

@@ -191,6 +191,44 @@ fn port_file(name: &str) -> PathBuf {
     p
 }
 
+/// A key file with `contents`, removed when dropped.
+struct KeyFile(PathBuf);
+
+impl KeyFile {
+    fn new(name: &str, contents: &str) -> Self {
+        let p = port_file(&format!("{name}.key"));
+        std::fs::write(&p, contents).unwrap();
+        Self(p)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts a destination of `mem` with `extra` flags; returns it and its endpoint.
+fn spawn_dest(name: &str, mem: &str, extra: &[&str]) -> (std::process::Child, String) {
+    let pf = port_file(name);
+    let dest = Command::new(BIN)
+        .args(["dest", "--listen", "127.0.0.1:0", "--mem", mem, "--json"])
+        .args(["--timeout-secs", "10", "--port-file"])
+        .arg(&pf)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ep = wait_for(&pf);
+    (dest, ep)
+}
+
 fn wait_for(path: &PathBuf) -> String {
     let start = Instant::now();
     loop {
@@ -254,24 +292,18 @@ fn dest_and_source_processes() {
 
 #[test]
 fn mismatched_memory_sizes_fail_on_both_sides() {
-    let pf = port_file("mismatch");
-    let dest = Command::new(BIN)
-        .args([
-            "dest",
-            "--listen",
-            "127.0.0.1:0",
-            "--mem",
-            "8M",
-            "--json",
-            "--port-file",
-        ])
-        .arg(&pf)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ep = wait_for(&pf);
-    let src = run(&["source", "--connect", &ep, "--mem", "16M", "--json"]);
+    let key = KeyFile::new("mismatch", "a key for the mismatch test\n");
+    let (dest, ep) = spawn_dest("mismatch", "8M", &["--key-file", key.path()]);
+    let src = run(&[
+        "source",
+        "--connect",
+        &ep,
+        "--mem",
+        "16M",
+        "--json",
+        "--key-file",
+        key.path(),
+    ]);
     let dst = dest.wait_with_output().unwrap();
     assert!(!src.status.success());
     assert!(!dst.status.success());
@@ -326,6 +358,7 @@ fn mem_not_a_multiple_of_the_page_size_is_rejected() {
 #[test]
 fn unreachable_peer_fails_fast_with_one_line() {
     let start = Instant::now();
+    let key = KeyFile::new("unreachable", "0123456789abcdef0123\n");
     let o = run(&[
         "source",
         "--connect",
@@ -334,6 +367,8 @@ fn unreachable_peer_fails_fast_with_one_line() {
         "4M",
         "--connect-timeout-secs",
         "2",
+        "--key-file",
+        key.path(),
     ]);
     assert!(
         start.elapsed() < Duration::from_secs(5),
@@ -349,4 +384,211 @@ fn unreachable_peer_fails_fast_with_one_line() {
         "{e}"
     );
     assert!(e.contains("refused"), "{e}");
+}
+
+// ---- authentication and recovery ---------------------------------------------------------------
+
+#[test]
+fn demo_survives_broken_links() {
+    let o = run(&[
+        "demo",
+        "--json",
+        "--mem",
+        "32M",
+        "--mode",
+        "preempt-full",
+        "--chaos-breaks",
+        "3",
+    ]);
+    let v = json(&o);
+    assert_eq!(v["verified"], Value::Bool(true), "{v}");
+    let recoveries = v["recoveries"].as_u64().expect("recoveries in the report");
+    assert!(recoveries >= 1, "no break landed in postcopy: {v}");
+    assert_eq!(v["source"]["recoveries"].as_u64(), Some(recoveries));
+    assert_migration_fields(&v, "preempt-full");
+}
+
+#[test]
+fn human_report_shows_recoveries() {
+    let o = run(&["demo", "--mem", "16M"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout.clone()).unwrap();
+    assert!(
+        out.contains("recoveries (postcopy resumed after a broken link): 0"),
+        "{out}"
+    );
+    // The demo authenticates its children with a generated key: no warning.
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+}
+
+#[test]
+fn demo_with_a_key_file() {
+    let key = KeyFile::new("demo", "a demo key given by the user\n");
+    let o = run(&["demo", "--json", "--mem", "16M", "--key-file", key.path()]);
+    let v = json(&o);
+    assert_eq!(v["verified"], Value::Bool(true), "{v}");
+    assert_eq!(v["settings"]["authenticated"], Value::Bool(true), "{v}");
+}
+
+/// Both exited non-zero with exactly one stderr line, an error naming authentication.
+fn assert_auth_failure(who: &str, o: &Output) {
+    assert!(!o.status.success(), "the {who} succeeded");
+    assert!(o.stdout.is_empty(), "{who}: no report on failure");
+    let e = stderr(o);
+    assert_eq!(e.lines().count(), 1, "{who}: one line: {e}");
+    assert!(e.starts_with("error: "), "{who}: {e}");
+    assert!(e.contains("authentication"), "{who}: {e}");
+}
+
+#[test]
+fn different_keys_fail_on_both_sides() {
+    let dkey = KeyFile::new("dkey", "the destination's key........\n");
+    let skey = KeyFile::new("skey", "the source's different key...\n");
+    let (dest, ep) = spawn_dest("keys", "8M", &["--key-file", dkey.path()]);
+    let src = run(&[
+        "source",
+        "--connect",
+        &ep,
+        "--mem",
+        "8M",
+        "--json",
+        "--key-file",
+        skey.path(),
+    ]);
+    let dst = dest.wait_with_output().unwrap();
+    assert_auth_failure("source", &src);
+    assert_auth_failure("destination", &dst);
+}
+
+#[test]
+fn source_without_a_key_is_refused() {
+    let dkey = KeyFile::new("nokey", "the destination's key........\n");
+    let (dest, ep) = spawn_dest("nokey", "8M", &["--key-file", dkey.path()]);
+    let src = run(&["source", "--connect", &ep, "--mem", "8M", "--json"]);
+    let dst = dest.wait_with_output().unwrap();
+    assert!(!src.status.success());
+    assert!(src.stdout.is_empty());
+    let e = stderr(&src);
+    assert!(
+        e.lines()
+            .next()
+            .unwrap_or("")
+            .starts_with("warning: no --key-file"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 2, "a warning and one error line: {e}");
+    assert!(e.lines().nth(1).unwrap().starts_with("error: "), "{e}");
+    assert!(e.contains("authentication"), "{e}");
+    assert_auth_failure("destination", &dst);
+}
+
+#[test]
+fn short_key_file_is_a_clear_error() {
+    let key = KeyFile::new("short", "too short\n");
+    for args in [
+        vec!["dest", "--listen", "127.0.0.1:0", "--mem", "4M"],
+        vec!["source", "--connect", "127.0.0.1:1", "--mem", "4M"],
+        vec!["demo", "--mem", "4M"],
+    ] {
+        let mut args = args;
+        args.extend(["--key-file", key.path()]);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{args:?}: {e}");
+        assert!(e.starts_with("error: "), "{e}");
+        assert!(e.contains("key file"), "{e}");
+        assert!(e.contains("at least 16"), "{e}");
+    }
+    let o = run(&[
+        "source",
+        "--connect",
+        "127.0.0.1:1",
+        "--key-file",
+        "/nonexistent/migrate-cli.key",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("error: cannot read the key file /nonexistent/migrate-cli.key"),
+        "{e}"
+    );
+}
+
+#[test]
+fn no_key_warns_once() {
+    let (dest, ep) = spawn_dest("warn", "4M", &[]);
+    let src = run(&[
+        "source",
+        "--connect",
+        &ep,
+        "--mem",
+        "4M",
+        "--json",
+        "--postcopy-after-passes",
+        "1",
+    ]);
+    let dst = dest.wait_with_output().unwrap();
+    json(&src);
+    json(&dst);
+    assert_eq!(
+        stderr(&dst),
+        "warning: no --key-file: the migration port accepts connections from anyone who can reach it\n"
+    );
+    let e = stderr(&src);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.starts_with("warning: no --key-file: "), "{e}");
+}
+
+#[test]
+fn recovery_flags_reach_the_report() {
+    let key = KeyFile::new("flags", "a key for the flags test....\n");
+    let (dest, ep) = spawn_dest(
+        "flags",
+        "4M",
+        &[
+            "--key-file",
+            key.path(),
+            "--link-timeout-secs",
+            "3",
+            "--resume-timeout-secs",
+            "60",
+        ],
+    );
+    let src = run(&[
+        "source",
+        "--connect",
+        &ep,
+        "--mem",
+        "4M",
+        "--json",
+        "--key-file",
+        key.path(),
+        "--reconnect",
+        "5",
+        "--reconnect-backoff-ms",
+        "10",
+        "--link-timeout-secs",
+        "3",
+        "--heartbeat-ms",
+        "100",
+    ]);
+    let dst = dest.wait_with_output().unwrap();
+    let s = json(&src);
+    let d = json(&dst);
+    assert_eq!(s["recoveries"], 0);
+    assert_eq!(s["settings"]["reconnect_retries"], 5);
+    assert_eq!(s["settings"]["reconnect_backoff_ms"], 10);
+    assert_eq!(s["settings"]["heartbeat_ms"], 100);
+    assert_eq!(s["settings"]["authenticated"], Value::Bool(true));
+    assert_eq!(d["settings"]["resume_timeout_secs"], 60);
+    assert_eq!(d["settings"]["link_timeout_secs"], 3.0);
+    assert_eq!(d["recoveries"], 0);
+    assert_eq!(d["verified"], Value::Bool(true));
+    let o = run(&["source", "--connect", "127.0.0.1:1", "--heartbeat-ms", "0"]);
+    assert!(
+        stderr(&o).contains("--heartbeat-ms must be positive"),
+        "{}",
+        stderr(&o)
+    );
 }

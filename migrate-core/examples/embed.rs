@@ -41,7 +41,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::spawn(move || {
             let guest: Arc<Mutex<Option<DestWorkload>>> = Arc::default();
             let g = guest.clone();
-            let d = Destination::new(mem.clone(), DestConfig::default())
+            let mut dcfg = DestConfig::default();
+            if let Some(v) = std::env::var("EMBED_RCVBUF")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                dcfg.main_socket.recv_buffer = Some(v);
+            }
+            if std::env::var("EMBED_PIN").is_ok() {
+                dcfg.bulk_cpus = vec![0];
+                dcfg.urgent_cpus = vec![1];
+            }
+            let d = Destination::new(mem.clone(), dcfg)
                 .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
             let mut run = move || {
                 let w = DestWorkload::start(
@@ -77,7 +88,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     cfg.precopy.max_passes = passes;
     // Tuning knobs for experiments: EMBED_BACKLOG (bytes queued in the bulk sender),
-    // EMBED_SNDBUF (bulk SO_SNDBUF), EMBED_LOWAT (bulk TCP_NOTSENT_LOWAT).
+    // EMBED_SNDBUF (bulk SO_SNDBUF), EMBED_LOWAT (bulk TCP_NOTSENT_LOWAT), EMBED_RECORD (largest
+    // page record), EMBED_SEND (bytes per bulk send), EMBED_RCVBUF (destination main SO_RCVBUF), EMBED_PIN (bulk
+    // threads on CPU 0, urgent-path threads on CPU 1).
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
     if let Some(v) = env("EMBED_BACKLOG") {
         cfg.bulk_backlog = v;
@@ -87,6 +100,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(v) = env("EMBED_LOWAT") {
         cfg.bulk_socket.notsent_lowat = Some(v as u32);
+    }
+    if std::env::var("EMBED_PIN").is_ok() {
+        cfg.bulk_cpus = vec![0];
+        cfg.urgent_cpus = vec![1];
+    }
+    if std::env::var("EMBED_NOCOOP").is_ok() {
+        cfg.bulk.coop_taskrun = false;
+        cfg.urgent.coop_taskrun = false;
+    }
+    if let Some(v) = env("EMBED_RECORD") {
+        cfg.max_record_bytes = v;
+    }
+    if let Some(v) = env("EMBED_SEND") {
+        cfg.bulk.max_send_bytes = v;
     }
     let source = Source::new(src_mem, cfg).migrate(&endpoint, &mut dirty, &mut pause)?;
     let dest = dest.join().expect("destination thread")?;
@@ -99,6 +126,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dest.latency.p50,
         dest.latency.p99,
         dest.latency.p999
+    );
+    println!(
+        "bulk throughput {:.2} GB/s",
+        source.bulk.bytes as f64 / source.total_ms / 1e6
     );
     println!("source {:?}", source.counters);
     println!("dest   {:?}", dest.counters);

@@ -83,6 +83,9 @@ pub fn source_handshake(stream: &Stream, h: &SourceHello<'_>) -> Result<FrameRea
                 &challenge.nonce,
                 &challenge.proof,
             ) {
+                // Tell the destination too (an all-zero proof fails its check, so it refuses
+                // with a reason instead of seeing the connection drop).
+                let _ = write_all(stream, &[0; PROOF_LEN]);
                 return Err(ProtocolError::Auth(
                     "the destination could not prove it holds the key (wrong key, or none configured there)".into(),
                 )

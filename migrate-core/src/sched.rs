@@ -52,3 +52,52 @@ mod tests {
         ));
     }
 }
+
+/// Restricts the calling thread to `cpus` (e.g. keep the bulk stream's threads off the cores
+/// that serve page requests). Returns false if the kernel refused (bad CPU list).
+pub fn pin_current_thread(cpus: &[usize]) -> bool {
+    if cpus.is_empty() {
+        return false;
+    }
+    // SAFETY: cpu_set_t is a plain bitmask for which all-zero is a valid (empty) value.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c < libc::CPU_SETSIZE as usize {
+            // SAFETY: `c` is below CPU_SETSIZE, so CPU_SET stays inside `set`.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    // SAFETY: sched_setaffinity(0, ..) affects only the calling thread; `set` is initialised
+    // and its size is passed.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
+}
+
+/// Where the threads of one side of a migration run.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    /// CPUs for the bulk threads (source scanner, destination bulk receiver); empty: anywhere.
+    pub bulk_cpus: Vec<usize>,
+    /// CPUs for the urgent-path threads (return path, fault thread, urgent receiver).
+    pub urgent_cpus: Vec<usize>,
+    /// `SCHED_FIFO` priority of the urgent-path threads (nice -10 where not permitted).
+    pub urgent_priority: Option<i32>,
+}
+
+impl Placement {
+    /// Applies the urgent-path placement to the calling thread.
+    pub fn enter_urgent(&self, what: &str) {
+        if !self.urgent_cpus.is_empty() && !pin_current_thread(&self.urgent_cpus) {
+            tracing::warn!(cpus = ?self.urgent_cpus, what, "could not pin thread");
+        }
+        if let Some(p) = self.urgent_priority {
+            tracing::debug!(boost = ?boost_current_thread(p), what, "urgent-path thread");
+        }
+    }
+
+    /// Applies the bulk placement to the calling thread.
+    pub fn enter_bulk(&self, what: &str) {
+        if !self.bulk_cpus.is_empty() && !pin_current_thread(&self.bulk_cpus) {
+            tracing::warn!(cpus = ?self.bulk_cpus, what, "could not pin thread");
+        }
+    }
+}

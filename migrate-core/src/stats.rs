@@ -36,6 +36,9 @@ pub struct Counters {
     pub discarded_pages: AtomicU64,
     /// Pages the source pushed ahead on the urgent channel for a sequential fault stream.
     pub prefetched_pages: AtomicU64,
+    /// Requested pages sent on the urgent channel although the bulk stream had claimed them,
+    /// because they were still waiting in the bulk sender's queue.
+    pub rescued_pages: AtomicU64,
 }
 
 impl Counters {
@@ -67,6 +70,7 @@ impl Counters {
             precopy_passes: self.precopy_passes.load(Relaxed),
             discarded_pages: self.discarded_pages.load(Relaxed),
             prefetched_pages: self.prefetched_pages.load(Relaxed),
+            rescued_pages: self.rescued_pages.load(Relaxed),
         }
     }
 }
@@ -87,6 +91,7 @@ pub struct CountersSnapshot {
     pub precopy_passes: u64,
     pub discarded_pages: u64,
     pub prefetched_pages: u64,
+    pub rescued_pages: u64,
 }
 
 /// A thread-safe latency histogram (nanosecond resolution, 3 significant digits).

@@ -266,8 +266,6 @@ fn postcopy_page_record_past_the_region() {
 
 /// The source must learn why the destination gave up: the error goes back on the return path.
 #[test]
-#[ignore = "engine bug: on a fatal error Destination::accept shuts both sockets down before it \
-            sends ReturnMsg::Error, so the source only sees the connection close"]
 fn source_is_told_why_its_record_was_rejected() {
     let hdr = Record::Pages {
         region: 0,
@@ -305,8 +303,6 @@ fn truncated_frame_is_an_error() {
 }
 
 #[test]
-#[ignore = "engine bug: a truncated precopy page record leaves its partial payload in guest memory \
-            (WriteDirect reads the payload straight into guest RAM before it has all of it)"]
 fn truncated_frame_leaves_memory_untouched() {
     let d = truncated_page_frame();
     assert_untouched(&d);

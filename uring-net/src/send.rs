@@ -44,6 +44,8 @@ use crate::stats::SendStats;
 pub enum ZeroCopy {
     /// Zero-copy for sends of at least `min_bytes` (pinning pages costs more than copying small
     /// sends); plain `SENDMSG` otherwise, and silently plain if the kernel lacks the opcodes.
+    /// Gives up on zero copy for the connection once the kernel has reported 8 sends in a row
+    /// as copied anyway (loopback, veth, NICs without scatter-gather).
     Auto {
         /// Smallest send (bytes) that goes zero-copy.
         min_bytes: usize,
@@ -55,6 +57,10 @@ pub enum ZeroCopy {
     /// Never zero-copy.
     Never,
 }
+
+/// `ZeroCopy::Auto` gives up on zero copy after this many sends in a row that the kernel
+/// reported as copied.
+const AUTO_ZC_GIVE_UP: u32 = 8;
 
 impl Default for ZeroCopy {
     fn default() -> Self {
@@ -308,6 +314,8 @@ pub struct FrameSender {
     hdr_queue: Vec<u8>,
     hdr_head: usize,
     socket_zc_ok: bool,
+    /// Zero-copy notifications in a row that reported a copy (see `want_zc`).
+    zc_copied_run: u32,
     wait_all: bool,
     eventfd: Arc<OwnedFd>,
     waker_armed: bool,
@@ -419,6 +427,7 @@ impl FrameSender {
             hdr_queue: Vec::new(),
             hdr_head: 0,
             socket_zc_ok,
+            zc_copied_run: 0,
             wait_all: true,
             eventfd,
             waker_armed: false,
@@ -796,6 +805,9 @@ impl FrameSender {
             SendStats::add(&self.stats.notifications, 1);
             if (res as u32) & IORING_NOTIF_USAGE_ZC_COPIED != 0 {
                 SendStats::add(&self.stats.zc_copied, 1);
+                self.zc_copied_run += 1;
+            } else {
+                self.zc_copied_run = 0;
             }
             self.maybe_release(key);
             return;
@@ -1016,7 +1028,12 @@ impl FrameSender {
         match self.cfg.zero_copy {
             ZeroCopy::Never => false,
             ZeroCopy::Always => usable,
-            ZeroCopy::Auto { min_bytes } => usable && bytes >= min_bytes,
+            // The kernel reports when it copied a "zero-copy" send anyway (loopback, veth,
+            // devices without scatter-gather): then zero copy is pure overhead (two CQEs and
+            // page pinning), so Auto stops using it for this connection.
+            ZeroCopy::Auto { min_bytes } => {
+                usable && bytes >= min_bytes && self.zc_copied_run < AUTO_ZC_GIVE_UP
+            }
         }
     }
 

@@ -180,3 +180,31 @@ fn auto_threshold_decides_per_send() {
     let st = transfer(ALL, ZeroCopy::Auto { min_bytes: 1 }).unwrap();
     assert_eq!(st.zc_sends, st.sends);
 }
+
+#[test]
+fn auto_gives_up_when_the_kernel_copies_anyway() {
+    // Loopback always copies "zero-copy" sends (and says so in the notification): Auto must
+    // notice and fall back to plain sends, while Always keeps using zero copy.
+    let (tx, rx) = pair(Kind::Tcp);
+    let cfg = SenderConfig {
+        zero_copy: ZeroCopy::Auto { min_bytes: 1 },
+        submit: SubmitPolicy::Count(1),
+        ..SenderConfig::bulk()
+    };
+    let mut s = FrameSender::new(tx, cfg).unwrap();
+    let reader = std::thread::spawn(move || verify_reader(rx, 0, Duration::ZERO));
+    let frames = 200;
+    for seq in 0..frames {
+        let len = frame_len(seq);
+        s.push(&header(seq, len), &payload_bufs(seq, len)).unwrap();
+        s.drain(Some(Duration::from_secs(10))).unwrap();
+    }
+    s.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(reader.join().unwrap().unwrap().0, frames);
+    let st = s.stats().snapshot();
+    assert!(st.zc_copied >= 8, "{st:?}");
+    assert!(
+        st.zc_sends < st.sends / 2,
+        "Auto kept zero copy on a copying path: {st:?}"
+    );
+}

@@ -56,6 +56,8 @@ pub struct DestReport {
     pub postcopy_ms: f64,
     /// `AnonHugePages` of guest memory when the guest started and at completion.
     pub anon_huge_bytes: (Option<u64>, Option<u64>),
+    /// Times postcopy resumed after a broken connection.
+    pub recoveries: u32,
 }
 
 /// The receiving side of one migration.
@@ -144,6 +146,7 @@ impl Destination {
             huge_at_run: None,
         });
 
+        let mut recoveries = 0u32;
         let result = loop {
             shared.new_link();
             let closers = [
@@ -152,24 +155,27 @@ impl Destination {
             ];
             let Link { main, urgent, .. } = link;
             let event = std::thread::scope(|s| {
-                let priority = self.config.urgent_priority;
+                let placement = self.config.placement();
                 let (shared_u, table_u) = (&*shared, &table);
                 s.spawn(move || {
-                    if let Some(p) = priority {
-                        tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "urgent receiver");
-                    }
+                    placement.enter_urgent("urgent receiver");
                     urgent_loop(shared_u, urgent, table_u)
                 });
                 let (ms, ret_m, stop_m, table_m) = (&main_state, &ret, &stop, &table);
                 let control = &mut *control;
                 s.spawn(move || {
+                    self.config.placement().enter_bulk("main receiver");
                     if let Err(e) = self.main_loop(main, table_m, ms, ret_m, stop_m, control) {
                         self.shared.report(e);
                     }
                 });
-                let event = shared.wait_event();
-                let event = match event {
+                let event = match shared.wait_event() {
                     Event::Complete => Event::Done(self.finish(&main_state, &ret)),
+                    Event::Fatal(e) => {
+                        // Tell the source why before the connections close.
+                        send_on(&ret, &ReturnMsg::encode_error(&e.to_string()));
+                        Event::Fatal(e)
+                    }
                     e => e,
                 };
                 // Unblock both receivers so the scope can end (after Done the source closes
@@ -182,10 +188,7 @@ impl Destination {
             match event {
                 Event::Done(verify) => break Ok(verify),
                 Event::Complete => unreachable!("turned into Done above"),
-                Event::Fatal(e) => {
-                    send_on(&ret, &ReturnMsg::encode_error(&e.to_string()));
-                    break Err(e);
-                }
+                Event::Fatal(e) => break Err(e),
                 Event::LinkFailed(e)
                     if shared.phase().is_postcopy() || shared.phase() == DestPhase::Ended =>
                 {
@@ -196,6 +199,7 @@ impl Destination {
                         .store(true, std::sync::atomic::Ordering::Release);
                     match self.resume(listener, &table, session, &ret) {
                         Ok(l) => {
+                            recoveries += 1;
                             shared
                                 .paused
                                 .store(false, std::sync::atomic::Ordering::Release);
@@ -234,6 +238,7 @@ impl Destination {
             total_ms: start.elapsed().as_secs_f64() * 1e3,
             postcopy_ms: st.run_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
             anon_huge_bytes: (st.huge_at_run, self.memory.anon_huge_bytes()),
+            recoveries,
         })
     }
 
@@ -403,11 +408,21 @@ impl Destination {
                 ) => {
                     let reg = &self.memory.regions()[region as usize];
                     let ptr = reg.ptr_at(offset as usize, len as usize)?;
+                    let page = reg.host_page_size();
                     // SAFETY: `ptr_at` checked [offset, offset+len) lies inside the region,
                     // which stays mapped while `self.memory` lives; before postcopy no other
                     // thread writes guest memory.
-                    unsafe { main.read_exact_raw(ptr, len as usize)? };
-                    let page = reg.host_page_size();
+                    if let Err(e) = unsafe { main.read_exact_raw(ptr, len as usize) } {
+                        // A record cut short leaves no partial page behind: the range goes back
+                        // to never-received (fresh zero pages) and must be sent again.
+                        reg.discard(offset as usize, len as usize)?;
+                        shared.mark_discarded(
+                            region as usize,
+                            offset as usize / page,
+                            len as usize / page,
+                        );
+                        return Err(e.into());
+                    }
                     shared
                         .counters
                         .add_pages(Lane::Bulk, (len as usize / page) as u64, len as u64);
@@ -577,7 +592,7 @@ impl Destination {
             return Err(MigrateError::Internal("userfaultfd armed twice".into()));
         }
         shared.set_phase(DestPhase::Armed);
-        let priority = self.config.urgent_priority;
+        let placement = self.config.placement();
         let ft = fault::FaultThread {
             shared: shared.clone(),
             ret,
@@ -586,9 +601,7 @@ impl Destination {
         std::thread::Builder::new()
             .name("dst-fault".into())
             .spawn(move || {
-                if let Some(p) = priority {
-                    tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "fault thread");
-                }
+                placement.enter_urgent("fault thread");
                 ft.run()
             })
             .map_err(|e| MigrateError::Internal(format!("spawn fault thread: {e}")))

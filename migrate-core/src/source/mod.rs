@@ -112,7 +112,22 @@ impl Source {
         dirty: &mut dyn DirtyLog,
         control: &mut dyn SourceControl,
     ) -> Result<SourceReport, MigrateError> {
-        let result = self.run(endpoint, dirty, control);
+        let result = if self.config.bulk_cpus.is_empty() {
+            self.run(endpoint, dirty, control)
+        } else {
+            // The scanner runs on the bulk CPUs; the caller's thread keeps its affinity.
+            std::thread::scope(|s| {
+                std::thread::Builder::new()
+                    .name("src-scanner".into())
+                    .spawn_scoped(s, || {
+                        self.config.placement().enter_bulk("scanner");
+                        self.run(endpoint, dirty, control)
+                    })
+                    .map_err(|e| MigrateError::Internal(format!("spawn scanner: {e}")))?
+                    .join()
+                    .map_err(|_| MigrateError::Internal("the scanner thread panicked".into()))?
+            })
+        };
         self.progress.set_phase(if result.is_ok() {
             SourcePhase::Done
         } else {
@@ -273,6 +288,7 @@ impl Source {
             hint: hint.clone(),
             scratch: Vec::new(),
             last_ping: Instant::now(),
+            pushed: 0,
             switched: false,
         };
         let mut rp_thread = Some(self.start_return_path(&mut scanner, urgent, reader, &table)?);
@@ -313,6 +329,8 @@ impl Source {
                     self.progress.set_phase(SourcePhase::Postcopy);
                     closers = link.closers;
                     scanner.bulk = link.bulk;
+                    scanner.pushed = 0;
+                    claims.reset_bulk_offsets();
                     scanner.last_ping = Instant::now();
                     rp_thread = Some(self.start_return_path(
                         &mut scanner,
@@ -387,19 +405,18 @@ impl Source {
             claims: scanner.claims.clone(),
             requests: scanner.requests.clone(),
             scanner_waker: scanner.bulk.waker(),
+            bulk_stats: scanner.bulk.stats(),
             progress: self.progress.clone(),
             finish: scanner.finish.clone(),
             hint: scanner.hint.clone(),
             max_record_bytes: cfg.max_record_bytes,
             timeout: cfg.link_timeout,
         };
-        let priority = cfg.urgent_priority;
+        let placement = cfg.placement();
         std::thread::Builder::new()
             .name("src-return-path".into())
             .spawn(move || {
-                if let Some(p) = priority {
-                    tracing::debug!(boost = ?crate::sched::boost_current_thread(p), "return-path thread");
-                }
+                placement.enter_urgent("return path");
                 rp.run()
             })
             .map_err(|e| MigrateError::Internal(format!("spawn return-path thread: {e}")))

@@ -1,23 +1,53 @@
 //! Turning claimed host pages into records: zero detection and coalescing of contiguous pages.
 
-use uring_net::FrameSender;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+
+use uring_net::{BufRef, FrameSender};
 
 use crate::error::MigrateError;
 use crate::memory::GuestRegion;
 use crate::protocol::Record;
 use crate::stats::{Counters, Lane};
 
-/// Pushes host pages `first..first+n` of `region` (already claimed by the caller) as records:
-/// runs of zero pages become one zero record, runs of data pages one page record of at most
-/// `max_record` bytes whose payload points straight into guest memory.
+/// The bulk stream's byte offset bookkeeping (see `Claims::bulk_end`).
+pub(crate) struct BulkOffsets<'a> {
+    /// Bytes pushed on this connection so far (headers and payloads).
+    pub pushed: &'a mut u64,
+    /// Per host page of the region being pushed: where its record ends.
+    pub ends: &'a [AtomicU64],
+}
+
+/// Pushes one frame, advancing the bulk offset if there is one.
+pub(crate) fn push_frame(
+    sender: &mut FrameSender,
+    offsets: Option<&mut u64>,
+    header: &[u8],
+    payload: &[BufRef],
+) -> Result<(), MigrateError> {
+    sender.push(header, payload)?;
+    if let Some(pushed) = offsets {
+        *pushed += (header.len() + payload.iter().map(BufRef::len).sum::<usize>()) as u64;
+    }
+    Ok(())
+}
+
+/// Host pages `first..first+n` of `region`.
+pub(crate) struct Run<'a> {
+    pub region: &'a GuestRegion,
+    pub first: usize,
+    pub n: usize,
+}
+
+/// Pushes a run of host pages (already claimed by the caller) as records: runs of zero pages
+/// become one zero record, runs of data pages one page record of at most `max_record` bytes
+/// whose payload points straight into guest memory.
 pub(crate) fn push_run(
     sender: &mut FrameSender,
-    region: &GuestRegion,
-    first: usize,
-    n: usize,
+    Run { region, first, n }: Run<'_>,
     max_record: usize,
     counters: &Counters,
     lane: Lane,
+    mut offsets: Option<BulkOffsets<'_>>,
 ) -> Result<(), MigrateError> {
     let page = region.host_page_size();
     let max_pages = (max_record / page).max(1);
@@ -30,16 +60,15 @@ pub(crate) fn push_run(
             j += 1;
         }
         let (offset, len) = ((i * page) as u64, ((j - i) * page) as u32);
+        let pushed = offsets.as_mut().map(|o| &mut *o.pushed);
         if zero {
             let rec = Record::Zero {
                 region: region.id(),
                 offset,
                 len,
             };
-            sender.push(&rec.encode(), &[])?;
-            counters
-                .zero_pages
-                .fetch_add((j - i) as u64, std::sync::atomic::Ordering::Relaxed);
+            push_frame(sender, pushed, &rec.encode(), &[])?;
+            counters.zero_pages.fetch_add((j - i) as u64, Relaxed);
         } else {
             let rec = Record::Pages {
                 region: region.id(),
@@ -47,8 +76,13 @@ pub(crate) fn push_run(
                 len,
             };
             let payload = region.buf_ref(i * page, len as usize)?;
-            sender.push(&rec.encode(), &[payload])?;
+            push_frame(sender, pushed, &rec.encode(), &[payload])?;
             counters.add_pages(lane, (j - i) as u64, len as u64);
+        }
+        if let Some(o) = offsets.as_ref() {
+            for e in &o.ends[i..j] {
+                e.store(*o.pushed, Release);
+            }
         }
         i = j;
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use uring_net::{FrameReader, FrameSender, Waker};
 
-use super::pages::push_run;
+use super::pages::{push_run, Run};
 use super::shared::{Claims, Finish, Progress, RequestQueue};
 use crate::error::MigrateError;
 use crate::memory::GuestMemory;
@@ -23,6 +23,8 @@ pub(crate) struct ReturnPath {
     pub claims: Arc<Claims>,
     pub requests: Arc<RequestQueue>,
     pub scanner_waker: Waker,
+    /// The bulk sender's counters: how many bytes of its stream the kernel has accepted.
+    pub bulk_stats: Arc<uring_net::SendStats>,
     pub progress: Arc<Progress>,
     pub finish: Arc<Finish>,
     pub hint: Arc<Vec<AtomicUsize>>,
@@ -109,16 +111,31 @@ impl ReturnPath {
             return Ok(());
         };
         let bits = &self.claims.to_send[region as usize];
+        let accepted = self.bulk_stats.bytes.load(Relaxed);
         for hp in first..first + n {
-            if bits.clear(hp) {
+            let claimed = bits.clear(hp);
+            // Claimed by the bulk stream but still in its queue: send it here anyway (a
+            // rescue; the destination skips whichever copy arrives second). Already in the
+            // kernel's hands: it arrives about as soon as a new send would.
+            let rescue = !claimed
+                && self
+                    .claims
+                    .stuck_in_bulk_queue(region as usize, hp, accepted);
+            if claimed || rescue {
+                if rescue {
+                    self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
+                }
                 push_run(
                     urgent,
-                    reg,
-                    hp,
-                    1,
+                    Run {
+                        region: reg,
+                        first: hp,
+                        n: 1,
+                    },
                     self.max_record_bytes,
                     &self.progress.counters,
                     Lane::Urgent,
+                    None,
                 )?;
             } else {
                 self.progress

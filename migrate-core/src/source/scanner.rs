@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use uring_net::FrameSender;
 
-use super::pages::push_run;
+use super::pages::{push_frame, push_run, BulkOffsets, Run};
 use super::shared::{Claims, Finish, Progress, RequestQueue, SourcePhase};
 use super::SourceControl;
 use crate::bitmap::AtomicBitmap;
@@ -35,6 +35,8 @@ pub(crate) struct Scanner {
     pub hint: Arc<Vec<std::sync::atomic::AtomicUsize>>,
     pub scratch: Vec<(u16, usize, usize)>,
     pub last_ping: Instant,
+    /// Bytes pushed on the current bulk connection (see `Claims::bulk_end`).
+    pub pushed: u64,
     /// Set once the guest was paused: from then on a broken connection pauses the migration
     /// instead of cancelling it.
     pub switched: bool,
@@ -62,7 +64,12 @@ impl Scanner {
     fn heartbeat(&mut self) -> Result<(), MigrateError> {
         if self.last_ping.elapsed() >= self.config.heartbeat {
             self.last_ping = Instant::now();
-            self.bulk.push(&Record::Ping.encode(), &[])?;
+            push_frame(
+                &mut self.bulk,
+                Some(&mut self.pushed),
+                &Record::Ping.encode(),
+                &[],
+            )?;
             self.bulk.flush()?;
         }
         Ok(())
@@ -79,7 +86,13 @@ impl Scanner {
                 u.poll()?;
             }
             self.bulk.poll()?;
-            if self.bulk.backlog_bytes() <= self.config.bulk_backlog {
+            // A queue shorter than one send would starve the sender between sends (measured:
+            // 50 ms stalls), so the limit is at least one send.
+            let limit = self
+                .config
+                .bulk_backlog
+                .max(self.config.bulk.max_send_bytes);
+            if self.bulk.backlog_bytes() <= limit {
                 return Ok(());
             }
             if self.bulk.backlog_bytes() < last_backlog {
@@ -110,33 +123,54 @@ impl Scanner {
             return Ok(());
         }
         let counters = &self.progress.counters;
+        let accepted = self.bulk.stats().bytes.load(Relaxed);
         for &(r, first, n) in &reqs {
             let region = &self.memory.regions()[r as usize];
             let bits = &self.claims.to_send[r as usize];
             for hp in first..first + n {
-                if !bits.clear(hp) {
-                    counters.requests_already_sent.fetch_add(1, Relaxed);
-                    continue;
-                }
+                let claimed = bits.clear(hp);
                 match self.urgent.as_mut() {
-                    Some(u) => push_run(
-                        u,
-                        region,
-                        hp,
-                        1,
-                        self.config.max_record_bytes,
-                        counters,
-                        Lane::Urgent,
-                    )?,
-                    None => push_run(
+                    // Preempt: the page goes on the urgent channel, also when the bulk stream
+                    // claimed it but still holds it in its queue (a rescue: the destination
+                    // skips whichever copy arrives second).
+                    Some(u)
+                        if claimed || self.claims.stuck_in_bulk_queue(r as usize, hp, accepted) =>
+                    {
+                        if !claimed {
+                            counters.rescued_pages.fetch_add(1, Relaxed);
+                        }
+                        push_run(
+                            u,
+                            Run {
+                                region,
+                                first: hp,
+                                n: 1,
+                            },
+                            self.config.max_record_bytes,
+                            counters,
+                            Lane::Urgent,
+                            None,
+                        )?
+                    }
+                    // Vanilla: next on the bulk stream.
+                    None if claimed => push_run(
                         &mut self.bulk,
-                        region,
-                        hp,
-                        1,
+                        Run {
+                            region,
+                            first: hp,
+                            n: 1,
+                        },
                         self.config.max_record_bytes,
                         counters,
                         Lane::Bulk,
+                        Some(BulkOffsets {
+                            pushed: &mut self.pushed,
+                            ends: &self.claims.bulk_end[r as usize],
+                        }),
                     )?,
+                    _ => {
+                        counters.requests_already_sent.fetch_add(1, Relaxed);
+                    }
                 }
             }
         }
@@ -192,7 +226,9 @@ impl Scanner {
                 };
                 let Some(i) = next else { break };
                 let mut n = 0;
+                let ends = &self.claims.bulk_end[r];
                 while n < max_pages && i + n < pages && bits.clear(i + n) {
+                    ends[i + n].store(u64::MAX, Release);
                     n += 1;
                 }
                 if n > 0 {
@@ -201,12 +237,18 @@ impl Scanner {
                     }
                     push_run(
                         &mut self.bulk,
-                        &region,
-                        i,
-                        n,
+                        Run {
+                            region: &region,
+                            first: i,
+                            n,
+                        },
                         max_record,
                         &self.progress.counters,
                         Lane::Bulk,
+                        Some(BulkOffsets {
+                            pushed: &mut self.pushed,
+                            ends,
+                        }),
                     )?;
                     sent += n as u64;
                     if postcopy {
@@ -278,8 +320,18 @@ impl Scanner {
         }
         dirty.stop(&self.memory)?;
         self.send_discards(&sent_once)?;
-        self.bulk.push(&Record::Postcopy.encode(), &[])?;
-        self.bulk.push(&Record::Run.encode(), &[])?;
+        push_frame(
+            &mut self.bulk,
+            Some(&mut self.pushed),
+            &Record::Postcopy.encode(),
+            &[],
+        )?;
+        push_frame(
+            &mut self.bulk,
+            Some(&mut self.pushed),
+            &Record::Run.encode(),
+            &[],
+        )?;
         self.bulk.flush()?;
         let downtime = pause_at.elapsed();
         let left = self.claims.remaining();
@@ -330,7 +382,12 @@ impl Scanner {
                 count: chunk.len() as u32,
             };
             let payload = uring_net::BufRef::from_vec(DiscardEntry::encode_all(chunk));
-            self.bulk.push(&rec.encode(), &[payload])?;
+            push_frame(
+                &mut self.bulk,
+                Some(&mut self.pushed),
+                &rec.encode(),
+                &[payload],
+            )?;
         }
         self.progress
             .counters
@@ -350,7 +407,12 @@ impl Scanner {
         if self.config.verify {
             self.send_digests()?;
         }
-        self.bulk.push(&Record::End.encode(), &[])?;
+        push_frame(
+            &mut self.bulk,
+            Some(&mut self.pushed),
+            &Record::End.encode(),
+            &[],
+        )?;
         self.bulk.flush()?;
         while !self.finish.done.load(Acquire) {
             self.check_failed()?;

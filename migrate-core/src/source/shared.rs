@@ -77,9 +77,29 @@ impl Progress {
 /// Claim bits: bit set = the host page still has to be sent. Whoever clears it sends it.
 pub(crate) struct Claims {
     pub to_send: Vec<AtomicBitmap>,
+    /// Per host page claimed by the bulk stream: the bulk stream offset (header and payload
+    /// bytes pushed on this connection) at which its record ends; `u64::MAX` from the claim
+    /// until the record is queued. Compared with the bytes the kernel has accepted, it tells
+    /// whether a requested page is still waiting in the sender's queue.
+    pub bulk_end: Vec<Box<[AtomicU64]>>,
 }
 
 impl Claims {
+    /// Is host page `hp` of region `r`, claimed by the bulk stream, still queued in user space
+    /// (not yet accepted by the kernel, which has accepted `accepted` bytes of this connection)?
+    pub fn stuck_in_bulk_queue(&self, r: usize, hp: usize, accepted: u64) -> bool {
+        self.bulk_end[r][hp].load(Acquire) > accepted
+    }
+
+    /// A new connection starts its stream offsets at zero.
+    pub fn reset_bulk_offsets(&self) {
+        for ends in &self.bulk_end {
+            for e in ends.iter() {
+                e.store(0, Relaxed);
+            }
+        }
+    }
+
     /// After a broken connection: everything the destination does not have must be sent.
     pub fn rebuild_from_received(&self, region: usize, received: &AtomicBitmap) {
         let bits = &self.to_send[region];
@@ -97,6 +117,11 @@ impl Claims {
                 .regions()
                 .iter()
                 .map(|r| AtomicBitmap::new_full(r.host_pages()))
+                .collect(),
+            bulk_end: memory
+                .regions()
+                .iter()
+                .map(|r| (0..r.host_pages()).map(|_| AtomicU64::new(0)).collect())
                 .collect(),
         }
     }

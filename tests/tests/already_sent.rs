@@ -1,0 +1,204 @@
+//! A request for a page already sent: a fake destination (the protocol spoken by hand over
+//! loopback) asks a real `Source` for a page it has just received in the bulk stream. The source
+//! must count the request as already sent and must not send the page again, on either channel.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use migrate_core::dirty::ManualDirtyLog;
+use migrate_core::handshake::{dest_handshake, region_table};
+use migrate_core::protocol::{Channel, Record, RegionTable, ReturnMsg, RECORD_HEADER_LEN};
+use migrate_core::workload::fill_initial;
+use migrate_core::{Mode, ReconnectPolicy, Source, SourceConfig};
+use migrate_tests::{loopback_listener, zeroed_memory};
+use uring_net::{FrameReader, Listener};
+
+const REGION: usize = 4 << 20;
+const PAGE: u64 = 4096;
+
+/// A page record seen on one channel: `(region, host page)` → its bytes (empty for a zero
+/// record).
+type Seen = Vec<((u16, u64), Vec<u8>)>;
+
+/// Reads one record (header and payload); `None` at a clean end of stream. Page records are
+/// split into their host pages.
+fn read_record(
+    reader: &mut FrameReader,
+    table: &RegionTable,
+    seen: &mut Seen,
+) -> Result<Option<Record>, String> {
+    let Some(hdr) = reader
+        .read_header::<RECORD_HEADER_LEN>()
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let rec = Record::decode(&hdr, table).map_err(|e| e.to_string())?;
+    let mut payload = vec![0u8; rec.payload_len()];
+    reader.read_exact(&mut payload).map_err(|e| e.to_string())?;
+    match rec {
+        Record::Pages { region, offset, .. } => {
+            for (i, page) in payload.chunks(PAGE as usize).enumerate() {
+                seen.push(((region, offset / PAGE + i as u64), page.to_vec()));
+            }
+        }
+        Record::Zero {
+            region,
+            offset,
+            len,
+        } => {
+            for i in 0..len as u64 / PAGE {
+                seen.push(((region, offset / PAGE + i), Vec::new()));
+            }
+        }
+        _ => {}
+    }
+    Ok(Some(rec))
+}
+
+/// What the fake destination observed.
+struct Observed {
+    /// The page it asked for after receiving it.
+    requested: (u16, u64),
+    main: Seen,
+    urgent: Seen,
+}
+
+/// Accepts both connections, requests the first page it receives on the main channel again,
+/// reads to the end, reports done.
+fn fake_destination(
+    listener: Listener,
+    table: RegionTable,
+) -> JoinHandle<Result<Observed, String>> {
+    std::thread::spawn(move || {
+        let mut main = None;
+        let mut urgent = None;
+        while main.is_none() || urgent.is_none() {
+            let stream = listener.accept().map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
+            let mut reader = FrameReader::new(stream, 256 << 10);
+            let hello =
+                dest_handshake(&mut reader, &table, None, |_| Ok(())).map_err(|e| e.to_string())?;
+            match hello.channel {
+                Channel::Main => main = Some(reader),
+                Channel::Urgent => urgent = Some(reader),
+            }
+        }
+        let (mut main, mut urgent) = (main.unwrap(), urgent.unwrap());
+        let urgent_thread = {
+            let table = table.clone();
+            std::thread::spawn(move || {
+                // Until the source closes the channel at the end of the migration.
+                let mut seen = Seen::new();
+                while let Ok(Some(_)) = read_record(&mut urgent, &table, &mut seen) {}
+                seen
+            })
+        };
+        let writer = main.stream().try_clone().map_err(|e| e.to_string())?;
+        let send = |m: ReturnMsg| (&writer).write_all(&m.encode()).map_err(|e| e.to_string());
+        let mut seen = Seen::new();
+        let mut requested = None;
+        loop {
+            let before = seen.len();
+            let rec = read_record(&mut main, &table, &mut seen)?
+                .ok_or("the source closed the main channel before its end record")?;
+            match rec {
+                Record::End => break,
+                Record::Ping => send(ReturnMsg::Pong)?,
+                Record::Pages { .. } if requested.is_none() => {
+                    let (x, _) = seen[before].clone();
+                    send(ReturnMsg::Request {
+                        region: x.0,
+                        offset: x.1 * PAGE,
+                        len: PAGE as u32,
+                    })?;
+                    requested = Some(x);
+                }
+                _ => {}
+            }
+        }
+        send(ReturnMsg::Done { verified: None })?;
+        let urgent = urgent_thread
+            .join()
+            .map_err(|_| "the urgent reader panicked")?;
+        Ok(Observed {
+            requested: requested.ok_or("no page record on the main channel")?,
+            main: seen,
+            urgent,
+        })
+    })
+}
+
+#[test]
+fn request_for_a_page_already_sent_is_not_resent() {
+    let mem = zeroed_memory(REGION);
+    fill_initial(&mem, 4);
+    let (listener, ep) = loopback_listener();
+    let dest = fake_destination(listener, region_table(&mem));
+
+    let mut cfg = SourceConfig {
+        mode: Mode::PreemptFull,
+        timeout: Duration::from_secs(10),
+        urgent_priority: None,
+        reconnect: ReconnectPolicy {
+            retries: 0,
+            ..ReconnectPolicy::default()
+        },
+        ..SourceConfig::default()
+    };
+    cfg.precopy.max_passes = 0;
+    let (mut dirty, _handle) = ManualDirtyLog::new(&mem);
+    let source = Source::new(mem.clone(), cfg);
+    let report = source.migrate(&ep, &mut dirty, &mut || Ok(()));
+    let seen = dest
+        .join()
+        .expect("fake destination thread")
+        .expect("fake destination");
+    let report = report.expect("source migration");
+
+    assert!(
+        report.counters.requests_already_sent >= 1,
+        "the request was not counted as already sent: {:?}",
+        report.counters
+    );
+    assert_eq!(report.counters.requests, 1, "{:?}", report.counters);
+
+    let x = seen.requested;
+    let copies: Vec<&Vec<u8>> = seen
+        .main
+        .iter()
+        .chain(&seen.urgent)
+        .filter(|(p, _)| *p == x)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(
+        copies.len(),
+        1,
+        "page {x:?} was sent {} times (main {} records, urgent {})",
+        copies.len(),
+        seen.main.len(),
+        seen.urgent.len()
+    );
+    let region = &mem.regions()[x.0 as usize];
+    let mut want = vec![0u8; PAGE as usize];
+    region.read_into((x.1 * PAGE) as usize, &mut want).unwrap();
+    assert!(want.iter().any(|&b| b != 0), "page {x:?} has data");
+    assert!(*copies[0] == want, "page {x:?} arrived with other bytes");
+
+    // Every host page arrived exactly once in all (none lost, none duplicated).
+    let mut count: HashMap<(u16, u64), usize> = HashMap::new();
+    for (p, _) in seen.main.iter().chain(&seen.urgent) {
+        *count.entry(*p).or_default() += 1;
+    }
+    assert_eq!(count.len(), mem.total_host_pages(), "pages missing");
+    assert!(count.values().all(|&n| n == 1), "a page was sent twice");
+    assert!(
+        seen.urgent.is_empty(),
+        "urgent pages: {}",
+        seen.urgent.len()
+    );
+}
