@@ -80,6 +80,9 @@ pub struct DemoArgs {
     /// Testing: the source breaks its connections this many times during postcopy.
     #[arg(long, hide = true, default_value_t = 0)]
     pub chaos_breaks: u32,
+    /// Turn off the page hint and the push-ahead of sequential request streams.
+    #[arg(long)]
+    pub no_seq_assist: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -252,6 +255,7 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
         .arg("--key-file")
         .arg(&key_file)
         .args(["--chaos-breaks", &args.chaos_breaks.to_string()])
+        .args(args.no_seq_assist.then_some("--no-seq-assist"))
         .args(["--json", "--progress"])
         .arg(if show_progress { "always" } else { "never" })
         .stdin(Stdio::null())

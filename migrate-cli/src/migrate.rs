@@ -188,6 +188,10 @@ pub struct SourceArgs {
     /// Testing: break the connections this many times at random moments of postcopy.
     #[arg(long, hide = true, default_value_t = 0)]
     pub chaos_breaks: u32,
+    /// Turn off the sequential-access aids: the page hint (the bulk scan continues right after
+    /// a requested page) and pushing pages ahead of a sequential request stream.
+    #[arg(long)]
+    pub no_seq_assist: bool,
     #[arg(long)]
     pub json: bool,
     #[arg(long, value_enum, default_value = "auto")]
@@ -373,6 +377,8 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         },
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         link_timeout,
+        page_hint: !args.no_seq_assist,
+        prefetch_bytes: if args.no_seq_assist { 0 } else { SourceConfig::default().prefetch_bytes },
         ..SourceConfig::default()
     };
     let source = Source::new(mem.clone(), config);
@@ -408,6 +414,7 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     settings["reconnect_backoff_ms"] = json!(args.reconnect_backoff_ms);
     settings["link_timeout_secs"] = json!(args.link_timeout_secs);
     settings["heartbeat_ms"] = json!(args.heartbeat_ms);
+    settings["seq_assist"] = json!(!args.no_seq_assist);
     if args.chaos_breaks > 0 {
         settings["chaos_breaks"] = json!(breaks);
     }

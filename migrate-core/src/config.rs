@@ -103,6 +103,9 @@ pub struct SourceConfig {
     pub bulk_backlog: usize,
     /// After serving a requested page, continue the background scan right after it.
     pub page_hint: bool,
+    /// When requests form a sequential stream, push this many bytes past the requested page
+    /// on the urgent channel too (preempt and preempt-full; 0: off).
+    pub prefetch_bytes: usize,
     /// Give up if the destination is silent this long.
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -157,6 +160,7 @@ impl Default for SourceConfig {
             max_record_bytes: 64 << 10,
             bulk_backlog: 256 << 10,
             page_hint: true,
+            prefetch_bytes: 128 << 10,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             urgent_priority: Some(10),

@@ -5,6 +5,7 @@
 //! while serving page requests according to the [`Mode`](crate::config::Mode).
 
 mod pages;
+mod prefetch;
 mod return_path;
 mod scanner;
 mod shared;
@@ -289,6 +290,7 @@ impl Source {
             scratch: Vec::new(),
             last_ping: Instant::now(),
             pushed: 0,
+            seq: Default::default(),
             switched: false,
         };
         let mut rp_thread = Some(self.start_return_path(&mut scanner, urgent, reader, &table)?);
@@ -410,6 +412,8 @@ impl Source {
             finish: scanner.finish.clone(),
             hint: scanner.hint.clone(),
             max_record_bytes: cfg.max_record_bytes,
+            prefetch_bytes: cfg.prefetch_bytes,
+            seq: Default::default(),
             timeout: cfg.link_timeout,
         };
         let placement = cfg.placement();

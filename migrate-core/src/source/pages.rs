@@ -88,3 +88,32 @@ pub(crate) fn push_run(
     }
     Ok(())
 }
+
+/// Claims and pushes every still-unsent host page of `range` (clipped to the region) on
+/// `sender`, coalescing contiguous claims. Returns how many pages it pushed.
+pub(crate) fn push_ahead(
+    sender: &mut FrameSender,
+    to_send: &crate::bitmap::AtomicBitmap,
+    region: &GuestRegion,
+    range: std::ops::Range<usize>,
+    max_record: usize,
+    counters: &Counters,
+) -> Result<usize, MigrateError> {
+    let end = range.end.min(region.host_pages());
+    let mut hp = range.start;
+    let mut pushed = 0;
+    while hp < end {
+        if !to_send.clear(hp) {
+            hp += 1;
+            continue;
+        }
+        let mut n = 1;
+        while hp + n < end && to_send.clear(hp + n) {
+            n += 1;
+        }
+        push_run(sender, Run { region, first: hp, n }, max_record, counters, Lane::Urgent, None)?;
+        pushed += n;
+        hp += n + 1;
+    }
+    Ok(pushed)
+}

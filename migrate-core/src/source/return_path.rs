@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use uring_net::{FrameReader, FrameSender, Waker};
 
-use super::pages::{push_run, Run};
+use super::pages::{push_ahead, push_run, Run};
 use super::shared::{Claims, Finish, Progress, RequestQueue};
 use crate::error::MigrateError;
 use crate::memory::GuestMemory;
@@ -29,6 +29,9 @@ pub(crate) struct ReturnPath {
     pub finish: Arc<Finish>,
     pub hint: Arc<Vec<AtomicUsize>>,
     pub max_record_bytes: usize,
+    /// Bytes pushed ahead of a sequential request stream (0: off).
+    pub prefetch_bytes: usize,
+    pub seq: super::prefetch::SeqDetector,
     pub timeout: Duration,
 }
 
@@ -143,6 +146,11 @@ impl ReturnPath {
                     .requests_already_sent
                     .fetch_add(1, Relaxed);
             }
+        }
+        let window = self.prefetch_bytes / page;
+        if let Some(ahead) = self.seq.on_request(region, first + n - 1, window) {
+            let pushed = push_ahead(urgent, &self.claims.to_send[region as usize], reg, ahead, self.max_record_bytes, &self.progress.counters)?;
+            self.progress.counters.prefetched_pages.fetch_add(pushed as u64, Relaxed);
         }
         Ok(())
     }

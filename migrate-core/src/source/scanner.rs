@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use uring_net::FrameSender;
 
-use super::pages::{push_frame, push_run, BulkOffsets, Run};
+use super::pages::{push_ahead, push_frame, push_run, BulkOffsets, Run};
 use super::shared::{Claims, Finish, Progress, RequestQueue, SourcePhase};
 use super::SourceControl;
 use crate::bitmap::AtomicBitmap;
@@ -37,6 +37,8 @@ pub(crate) struct Scanner {
     pub last_ping: Instant,
     /// Bytes pushed on the current bulk connection (see `Claims::bulk_end`).
     pub pushed: u64,
+    /// Sequential request streams (preempt mode pushes ahead of them).
+    pub seq: super::prefetch::SeqDetector,
     /// Set once the guest was paused: from then on a broken connection pauses the migration
     /// instead of cancelling it.
     pub switched: bool,
@@ -171,6 +173,17 @@ impl Scanner {
                     _ => {
                         counters.requests_already_sent.fetch_add(1, Relaxed);
                     }
+                }
+            }
+        }
+        if let Some(u) = self.urgent.as_mut() {
+            for &(r, first, n) in &reqs {
+                let region = &self.memory.regions()[r as usize];
+                let window = self.config.prefetch_bytes / region.host_page_size();
+                if let Some(ahead) = self.seq.on_request(r, first + n - 1, window) {
+                    let bits = &self.claims.to_send[r as usize];
+                    let pushed = push_ahead(u, bits, region, ahead, self.config.max_record_bytes, counters)?;
+                    counters.prefetched_pages.fetch_add(pushed as u64, Relaxed);
                 }
             }
         }
