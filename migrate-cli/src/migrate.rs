@@ -378,7 +378,11 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         link_timeout,
         page_hint: !args.no_seq_assist,
-        prefetch_bytes: if args.no_seq_assist { 0 } else { SourceConfig::default().prefetch_bytes },
+        prefetch_bytes: if args.no_seq_assist {
+            0
+        } else {
+            SourceConfig::default().prefetch_bytes
+        },
         ..SourceConfig::default()
     };
     let source = Source::new(mem.clone(), config);

@@ -105,6 +105,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cfg.bulk_cpus = vec![0];
         cfg.urgent_cpus = vec![1];
     }
+    if std::env::var("EMBED_NOPACE").is_ok() {
+        cfg.adaptive_pacing = None;
+    }
     if std::env::var("EMBED_NOCOOP").is_ok() {
         cfg.bulk.coop_taskrun = false;
         cfg.urgent.coop_taskrun = false;

@@ -106,6 +106,10 @@ pub struct SourceConfig {
     /// When requests form a sequential stream, push this many bytes past the requested page
     /// on the urgent channel too (preempt and preempt-full; 0: off).
     pub prefetch_bytes: usize,
+    /// While requests are being served (preempt, preempt-full), pace the bulk socket at this
+    /// fraction of the rate it achieved on its own, so a shared bottleneck queue drains in
+    /// front of urgent pages; `None`: never pace.
+    pub adaptive_pacing: Option<f64>,
     /// Give up if the destination is silent this long.
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -161,6 +165,7 @@ impl Default for SourceConfig {
             bulk_backlog: 256 << 10,
             page_hint: true,
             prefetch_bytes: 128 << 10,
+            adaptive_pacing: Some(0.9),
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             urgent_priority: Some(10),

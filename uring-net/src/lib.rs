@@ -26,5 +26,5 @@ pub use buf::{BufRef, StableMemory};
 pub use error::NetError;
 pub use recv::FrameReader;
 pub use send::{FrameSender, SenderConfig, SubmitPolicy, Waker, ZeroCopy};
-pub use socket::{connect, Endpoint, Listener, Role, SocketOptions, Stream};
+pub use socket::{connect, set_pacing_rate, Endpoint, Listener, Role, SocketOptions, Stream};
 pub use stats::{SendStats, SendStatsSnapshot};

@@ -4,6 +4,7 @@
 //! dirty log, switches over (pausing the guest through [`SourceControl`]) and streams the rest
 //! while serving page requests according to the [`Mode`](crate::config::Mode).
 
+mod pacing;
 mod pages;
 mod prefetch;
 mod return_path;
@@ -276,6 +277,13 @@ impl Source {
             reader,
             mut closers,
         } = link;
+        let pacer = Arc::new(pacing::Pacer::new(cfg.adaptive_pacing.unwrap_or(1.0)));
+        let paced = |closers: &[Stream]| {
+            (cfg.adaptive_pacing.is_some() && cfg.mode != Mode::Vanilla)
+                .then(|| closers[0].try_clone().ok())
+                .flatten()
+        };
+        pacer.attach(paced(&closers));
         let mut scanner = Scanner {
             memory: self.memory.clone(),
             config: cfg.clone(),
@@ -291,6 +299,7 @@ impl Source {
             last_ping: Instant::now(),
             pushed: 0,
             seq: Default::default(),
+            pacer: pacer.clone(),
             switched: false,
         };
         let mut rp_thread = Some(self.start_return_path(&mut scanner, urgent, reader, &table)?);
@@ -330,6 +339,7 @@ impl Source {
                     self.progress.pages_left.store(claims.remaining(), Relaxed);
                     self.progress.set_phase(SourcePhase::Postcopy);
                     closers = link.closers;
+                    pacer.attach(paced(&closers));
                     scanner.bulk = link.bulk;
                     scanner.pushed = 0;
                     claims.reset_bulk_offsets();
@@ -414,6 +424,7 @@ impl Source {
             max_record_bytes: cfg.max_record_bytes,
             prefetch_bytes: cfg.prefetch_bytes,
             seq: Default::default(),
+            pacer: scanner.pacer.clone(),
             timeout: cfg.link_timeout,
         };
         let placement = cfg.placement();

@@ -111,7 +111,18 @@ pub(crate) fn push_ahead(
         while hp + n < end && to_send.clear(hp + n) {
             n += 1;
         }
-        push_run(sender, Run { region, first: hp, n }, max_record, counters, Lane::Urgent, None)?;
+        push_run(
+            sender,
+            Run {
+                region,
+                first: hp,
+                n,
+            },
+            max_record,
+            counters,
+            Lane::Urgent,
+            None,
+        )?;
         pushed += n;
         hp += n + 1;
     }

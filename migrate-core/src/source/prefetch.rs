@@ -32,14 +32,20 @@ impl SeqDetector {
     /// Records a request for host page `hp` of `region`; returns the range of host pages to
     /// push ahead (`window` pages past it, minus what was pushed before) if the request
     /// continues a sequential stream.
-    pub fn on_request(&mut self, region: u16, hp: usize, window: usize) -> Option<std::ops::Range<usize>> {
+    pub fn on_request(
+        &mut self,
+        region: u16,
+        hp: usize,
+        window: usize,
+    ) -> Option<std::ops::Range<usize>> {
         self.clock += 1;
         let now = self.clock;
-        if let Some(s) = self
-            .streams
-            .iter_mut()
-            .find(|s| s.hits > 0 && s.region == region && hp > s.last && hp <= s.last + NEAR.max(s.ahead_until.saturating_sub(s.last)))
-        {
+        if let Some(s) = self.streams.iter_mut().find(|s| {
+            s.hits > 0
+                && s.region == region
+                && hp > s.last
+                && hp <= s.last + NEAR.max(s.ahead_until.saturating_sub(s.last))
+        }) {
             s.last = hp;
             s.hits += 1;
             s.age = now;
@@ -51,8 +57,18 @@ impl SeqDetector {
             s.ahead_until = to;
             return (from < to).then_some(from..to);
         }
-        let slot = self.streams.iter_mut().min_by_key(|s| s.age).expect("STREAMS > 0");
-        *slot = Stream { region, last: hp, hits: 1, ahead_until: hp + 1, age: now };
+        let slot = self
+            .streams
+            .iter_mut()
+            .min_by_key(|s| s.age)
+            .expect("STREAMS > 0");
+        *slot = Stream {
+            region,
+            last: hp,
+            hits: 1,
+            ahead_until: hp + 1,
+            age: now,
+        };
         None
     }
 }
@@ -77,7 +93,11 @@ mod tests {
         for hp in [500, 17, 9000, 3, 12_000, 640, 77, 4096] {
             assert_eq!(d.on_request(0, hp, 8), None);
         }
-        assert_eq!(d.on_request(1, 501, 8), None, "another region is another stream");
+        assert_eq!(
+            d.on_request(1, 501, 8),
+            None,
+            "another region is another stream"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub(crate) struct ReturnPath {
     /// Bytes pushed ahead of a sequential request stream (0: off).
     pub prefetch_bytes: usize,
     pub seq: super::prefetch::SeqDetector,
+    pub pacer: Arc<super::pacing::Pacer>,
     pub timeout: Duration,
 }
 
@@ -113,6 +114,7 @@ impl ReturnPath {
             self.scanner_waker.wake();
             return Ok(());
         };
+        self.pacer.on_request();
         let bits = &self.claims.to_send[region as usize];
         let accepted = self.bulk_stats.bytes.load(Relaxed);
         for hp in first..first + n {
@@ -149,8 +151,18 @@ impl ReturnPath {
         }
         let window = self.prefetch_bytes / page;
         if let Some(ahead) = self.seq.on_request(region, first + n - 1, window) {
-            let pushed = push_ahead(urgent, &self.claims.to_send[region as usize], reg, ahead, self.max_record_bytes, &self.progress.counters)?;
-            self.progress.counters.prefetched_pages.fetch_add(pushed as u64, Relaxed);
+            let pushed = push_ahead(
+                urgent,
+                &self.claims.to_send[region as usize],
+                reg,
+                ahead,
+                self.max_record_bytes,
+                &self.progress.counters,
+            )?;
+            self.progress
+                .counters
+                .prefetched_pages
+                .fetch_add(pushed as u64, Relaxed);
         }
         Ok(())
     }

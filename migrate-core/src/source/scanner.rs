@@ -39,6 +39,7 @@ pub(crate) struct Scanner {
     pub pushed: u64,
     /// Sequential request streams (preempt mode pushes ahead of them).
     pub seq: super::prefetch::SeqDetector,
+    pub pacer: Arc<super::pacing::Pacer>,
     /// Set once the guest was paused: from then on a broken connection pauses the migration
     /// instead of cancelling it.
     pub switched: bool,
@@ -83,6 +84,7 @@ impl Scanner {
         let mut last_backlog = usize::MAX;
         loop {
             self.heartbeat()?;
+            self.pacer.tick(self.bulk.stats().bytes.load(Relaxed));
             self.serve_requests()?;
             if let Some(u) = self.urgent.as_mut() {
                 u.poll()?;
@@ -141,6 +143,7 @@ impl Scanner {
                         if !claimed {
                             counters.rescued_pages.fetch_add(1, Relaxed);
                         }
+                        self.pacer.on_request();
                         push_run(
                             u,
                             Run {
@@ -182,7 +185,14 @@ impl Scanner {
                 let window = self.config.prefetch_bytes / region.host_page_size();
                 if let Some(ahead) = self.seq.on_request(r, first + n - 1, window) {
                     let bits = &self.claims.to_send[r as usize];
-                    let pushed = push_ahead(u, bits, region, ahead, self.config.max_record_bytes, counters)?;
+                    let pushed = push_ahead(
+                        u,
+                        bits,
+                        region,
+                        ahead,
+                        self.config.max_record_bytes,
+                        counters,
+                    )?;
                     counters.prefetched_pages.fetch_add(pushed as u64, Relaxed);
                 }
             }
