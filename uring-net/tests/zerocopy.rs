@@ -177,8 +177,11 @@ fn auto_threshold_decides_per_send() {
     )
     .unwrap();
     assert_eq!(st.zc_sends, 0);
+    // Tiny threshold: sends go zero-copy, until the kernel has reported enough of them as
+    // copied (loopback always copies; see auto_gives_up_when_the_kernel_copies_anyway).
     let st = transfer(ALL, ZeroCopy::Auto { min_bytes: 1 }).unwrap();
-    assert_eq!(st.zc_sends, st.sends);
+    assert!(st.zc_sends > 0, "{st:?}");
+    assert!(st.zc_sends == st.sends || st.zc_copied >= 8, "{st:?}");
 }
 
 #[test]
