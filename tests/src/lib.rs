@@ -79,6 +79,37 @@ pub fn loopback_listener() -> (Listener, Endpoint) {
     (l, ep)
 }
 
+/// Runs `dest.accept` in a thread; when the source lets the guest run, the destination guest
+/// of `case` starts touching pages; the thread waits for it to finish its touches.
+pub fn spawn_dest(
+    dest: Destination,
+    listener: Listener,
+    dst_mem: Arc<GuestMemory>,
+    log: Arc<PreWriteLog>,
+    case: &Case,
+) -> std::thread::JoinHandle<Result<DestReport, migrate_core::MigrateError>> {
+    let case = case.clone();
+    std::thread::spawn(move || {
+        let guest: Arc<Mutex<Option<DestWorkload>>> = Arc::default();
+        let g = guest.clone();
+        let mut run = move || {
+            *g.lock().unwrap() = Some(DestWorkload::start(
+                dst_mem.clone(),
+                log.clone(),
+                case.vcpus,
+                case.access,
+                Duration::from_micros(20),
+                case.touches,
+            ));
+        };
+        let report = dest.accept(&listener, &mut run);
+        if let Some(mut w) = guest.lock().unwrap().take() {
+            w.join();
+        }
+        report
+    })
+}
+
 /// Runs `case` end to end and returns both reports.
 pub fn run(case: &Case) -> Outcome {
     let src_mem = Arc::new(memory(case));
@@ -87,30 +118,9 @@ pub fn run(case: &Case) -> Outcome {
     let log = Arc::new(PreWriteLog::new(&dst_mem));
     let (listener, ep) = loopback_listener();
 
-    let dest = {
-        let (dst_mem, log, case) = (dst_mem.clone(), log.clone(), case.clone());
-        std::thread::spawn(move || {
-            let guest: Arc<Mutex<Option<DestWorkload>>> = Arc::default();
-            let g = guest.clone();
-            let d = Destination::new(dst_mem.clone(), DestConfig::default())
-                .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
-            let mut run = move || {
-                *g.lock().unwrap() = Some(DestWorkload::start(
-                    dst_mem.clone(),
-                    log.clone(),
-                    case.vcpus,
-                    case.access,
-                    Duration::from_micros(20),
-                    case.touches,
-                ));
-            };
-            let report = d.accept(&listener, &mut run);
-            if let Some(mut w) = guest.lock().unwrap().take() {
-                w.join();
-            }
-            report
-        })
-    };
+    let dest = Destination::new(dst_mem.clone(), DestConfig::default())
+        .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
+    let dest = spawn_dest(dest, listener, dst_mem.clone(), log.clone(), case);
 
     let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
     let mut workload =

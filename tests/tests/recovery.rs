@@ -3,15 +3,15 @@
 //! whose source never comes back stays paused (vCPUs wait) instead of failing at once.
 
 use std::sync::atomic::{AtomicBool, Ordering::*};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use migrate_core::dirty::UffdWpDirtyLog;
 use migrate_core::source::SourcePhase;
 use migrate_core::verify::PreWriteDigests;
-use migrate_core::workload::{fill_initial, Access, DestWorkload, PreWriteLog, SourceWorkload};
+use migrate_core::workload::{fill_initial, Access, PreWriteLog, SourceWorkload};
 use migrate_core::{DestConfig, Destination, Mode, ReconnectPolicy, Source, SourceConfig};
-use migrate_tests::{assert_identical, loopback_listener, memory, Case, Outcome};
+use migrate_tests::{assert_identical, loopback_listener, memory, spawn_dest, Case, Outcome};
 
 /// Runs `case` while a chaos thread cuts the connection `breaks` times during postcopy.
 fn run_with_breaks(case: &Case, breaks: usize, seed: u64) -> Outcome {
@@ -31,28 +31,7 @@ fn run_with_breaks(case: &Case, breaks: usize, seed: u64) -> Outcome {
     let dest = Destination::new(dst_mem.clone(), dest_cfg)
         .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
     let dest_watch = dest.watch();
-    let dest_thread = {
-        let (dst_mem, log, case) = (dst_mem.clone(), log.clone(), case.clone());
-        std::thread::spawn(move || {
-            let guest: Arc<Mutex<Option<DestWorkload>>> = Arc::default();
-            let g = guest.clone();
-            let mut run = move || {
-                *g.lock().unwrap() = Some(DestWorkload::start(
-                    dst_mem.clone(),
-                    log.clone(),
-                    case.vcpus,
-                    case.access,
-                    Duration::from_micros(20),
-                    case.touches,
-                ));
-            };
-            let report = dest.accept(&listener, &mut run);
-            if let Some(mut w) = guest.lock().unwrap().take() {
-                w.join();
-            }
-            report
-        })
-    };
+    let dest_thread = spawn_dest(dest, listener, dst_mem.clone(), log.clone(), case);
 
     let mut cfg = SourceConfig {
         mode: case.mode,

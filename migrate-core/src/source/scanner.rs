@@ -62,17 +62,17 @@ impl Scanner {
         }
     }
 
+    /// Queues a payload-less record (command) on the bulk stream.
+    fn push_command(&mut self, rec: Record) -> Result<(), MigrateError> {
+        push_frame(&mut self.bulk, Some(&mut self.pushed), &rec.encode(), &[])
+    }
+
     /// Sends a ping when the last one is older than the heartbeat interval; the destination
     /// answers on the return path, so both sides see traffic even when no pages flow.
     fn heartbeat(&mut self) -> Result<(), MigrateError> {
         if self.last_ping.elapsed() >= self.config.heartbeat {
             self.last_ping = Instant::now();
-            push_frame(
-                &mut self.bulk,
-                Some(&mut self.pushed),
-                &Record::Ping.encode(),
-                &[],
-            )?;
+            self.push_command(Record::Ping)?;
             self.bulk.flush()?;
         }
         Ok(())
@@ -343,18 +343,8 @@ impl Scanner {
         }
         dirty.stop(&self.memory)?;
         self.send_discards(&sent_once)?;
-        push_frame(
-            &mut self.bulk,
-            Some(&mut self.pushed),
-            &Record::Postcopy.encode(),
-            &[],
-        )?;
-        push_frame(
-            &mut self.bulk,
-            Some(&mut self.pushed),
-            &Record::Run.encode(),
-            &[],
-        )?;
+        self.push_command(Record::Postcopy)?;
+        self.push_command(Record::Run)?;
         self.bulk.flush()?;
         let downtime = pause_at.elapsed();
         let left = self.claims.remaining();
@@ -430,12 +420,7 @@ impl Scanner {
         if self.config.verify {
             self.send_digests()?;
         }
-        push_frame(
-            &mut self.bulk,
-            Some(&mut self.pushed),
-            &Record::End.encode(),
-            &[],
-        )?;
+        self.push_command(Record::End)?;
         self.bulk.flush()?;
         while !self.finish.done.load(Acquire) {
             self.check_failed()?;
