@@ -303,7 +303,6 @@ impl Source {
             switched: false,
         };
         let mut rp_thread = Some(self.start_return_path(&mut scanner, urgent, reader, &table)?);
-        let mut urgent_live = self.urgent_stats(&scanner, &rp_thread);
         let mut recoveries = 0u32;
 
         let mut pre = None;
@@ -321,7 +320,7 @@ impl Source {
                 for c in &closers {
                     let _ = c.shutdown(std::net::Shutdown::Both);
                 }
-                let (b, u) = self.end_link(&mut scanner, rp_thread.take(), &mut urgent_live);
+                let (b, u) = self.end_link(&mut scanner, rp_thread.take());
                 bulk_stats = add(bulk_stats, b);
                 urgent_stats = add(urgent_stats, u);
             }
@@ -350,7 +349,6 @@ impl Source {
                         link.reader,
                         &table,
                     )?);
-                    urgent_live = self.urgent_stats(&scanner, &rp_thread);
                     if pre.is_none() {
                         // Broke during switchover, after the pause: the destination has (or will
                         // have, from its armed state) the guest running.
@@ -437,30 +435,21 @@ impl Source {
             .map_err(|e| MigrateError::Internal(format!("spawn return-path thread: {e}")))
     }
 
-    fn urgent_stats(
-        &self,
-        scanner: &Scanner,
-        rp: &Option<std::thread::JoinHandle<Option<FrameSender>>>,
-    ) -> Option<Arc<uring_net::SendStats>> {
-        let _ = rp;
-        scanner.urgent.as_ref().map(|u| u.stats())
-    }
-
     /// Joins the return-path thread of a finished link; returns the link's transport counters.
     fn end_link(
         &self,
         scanner: &mut Scanner,
         rp: Option<std::thread::JoinHandle<Option<FrameSender>>>,
-        urgent_live: &mut Option<Arc<uring_net::SendStats>>,
     ) -> (ChannelStats, ChannelStats) {
+        // The urgent sender is with the return-path thread (preempt-full) or the scanner
+        // (preempt); vanilla has none.
         let rp_urgent = rp.and_then(|t| t.join().ok()).flatten();
         // The link's failure has been handled; a new link starts clean.
         let _ = scanner.finish.take_error();
         let urgent = rp_urgent
+            .or_else(|| scanner.urgent.take())
             .map(|u| u.stats().snapshot().into())
-            .or_else(|| urgent_live.take().map(|s| s.snapshot().into()))
             .unwrap_or_default();
-        scanner.urgent = None;
         (scanner.bulk.stats().snapshot().into(), urgent)
     }
 }
