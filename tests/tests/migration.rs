@@ -155,3 +155,21 @@ fn thp_preempt_full_random() {
     case.passes = 0;
     check(case);
 }
+
+/// One receiver for every mode: the destination has no notion of the source's mode (there is
+/// no such field on the wire), so the same `Destination` code and configuration completes and
+/// verifies a migration from each of them, and only the source's counters tell them apart.
+#[test]
+fn every_mode_against_the_same_receiver() {
+    let mut urgent = Vec::new();
+    for mode in Mode::ALL {
+        let mut case = Case::small(mode, Access::Random);
+        case.passes = 0;
+        let o = run(&case);
+        assert!(o.dest.verify.as_ref().unwrap().ok(), "{mode:?}");
+        assert_identical(&o);
+        urgent.push(o.dest.counters.pages_urgent);
+    }
+    assert_eq!(urgent[0], 0, "vanilla sends requested pages on the main channel");
+    assert!(urgent[1] > 0 && urgent[2] > 0, "preempt modes use the urgent channel: {urgent:?}");
+}
