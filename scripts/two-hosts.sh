@@ -8,8 +8,10 @@
 #
 # MIGRATE-CLI ARGS are routed by name:
 #   destination only: --think-us --touches
+#   destination only: --rcvbuf
 #   source only:      --mode --dirty-rate --precopy-secs --postcopy-after-passes --no-verify
-#                     --connect-timeout-secs
+#                     --connect-timeout-secs --no-seq-assist --bulk-backlog --max-record
+#                     --bulk-send --notsent-lowat --sndbuf --pacing-headroom --no-pacing
 #   both:             everything else (--mem --page-size --vcpus --access --json --timeout-secs ...)
 # Example:
 #   scripts/two-hosts.sh --rate 10gbit --mem 1G --mode preempt-full --postcopy-after-passes 0
@@ -30,7 +32,9 @@ src_only=()
 takes_value() {
   case "$1" in
     --mem|--page-size|--vcpus|--access|--timeout-secs|--progress|--think-us|--touches|\
-    --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--connect-timeout-secs) return 0 ;;
+    --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--connect-timeout-secs|\
+    --bulk-backlog|--max-record|--bulk-send|--notsent-lowat|--sndbuf|--pacing-headroom|\
+    --rcvbuf) return 0 ;;
     *) return 1 ;;
   esac
 }
@@ -46,7 +50,7 @@ while [[ $# -gt 0 ]]; do
     --port=*) port="${arg#*=}"; shift; continue ;;
     --bin) bin="${2:?--bin needs a path}"; shift 2; continue ;;
     --bin=*) bin="${arg#*=}"; shift; continue ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
   esac
   name="${arg%%=*}"
   group=()
@@ -57,8 +61,10 @@ while [[ $# -gt 0 ]]; do
     group=("$arg"); shift
   fi
   case "$name" in
-    --think-us|--touches) dest_only+=("${group[@]}") ;;
-    --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--no-verify|--connect-timeout-secs)
+    --think-us|--touches|--rcvbuf) dest_only+=("${group[@]}") ;;
+    --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--no-verify|--connect-timeout-secs|\
+    --no-seq-assist|--bulk-backlog|--max-record|--bulk-send|--notsent-lowat|--sndbuf|\
+    --pacing-headroom|--no-pacing)
       src_only+=("${group[@]}") ;;
     --listen|--connect|--port-file) die "$name is set by this script" ;;
     *) both+=("${group[@]}") ;;

@@ -16,8 +16,10 @@ use migrate_core::workload::Access;
 use migrate_core::Mode;
 
 use crate::floor::{self, BulkMode, FloorConfig, FloorOutcome};
-use crate::migrate::GuestArgs;
+use crate::migrate::{GuestArgs, SourceTuning};
 use crate::report::{FloorRef, Report};
+use crate::size::Size;
+use crate::stream::{self, StreamOutcome};
 
 /// One mode, or all three in turn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +85,18 @@ pub struct DemoArgs {
     /// Turn off the page hint and the push-ahead of sequential request streams.
     #[arg(long)]
     pub no_seq_assist: bool,
+    #[command(flatten)]
+    pub tuning: SourceTuning,
+    /// SO_RCVBUF of the destination's main (bulk) connection.
+    #[arg(long, value_name = "SIZE")]
+    pub rcvbuf: Option<Size>,
+    /// Also measure the `stream` bulk baseline first (always done with --mode all) and report
+    /// the precopy throughput against it.
+    #[arg(long)]
+    pub baseline: bool,
+    /// How long the stream baseline runs (seconds).
+    #[arg(long, default_value_t = 1.0)]
+    pub baseline_secs: f64,
     #[arg(long)]
     pub json: bool,
 }
@@ -127,6 +141,7 @@ fn write_random_key(path: &Path) -> Result<()> {
 /// What the demo produced: one report per run, in order.
 pub struct DemoOutcome {
     pub reports: Vec<Report>,
+    pub baseline: Option<StreamOutcome>,
     pub floor_avg: Option<f64>,
     pub all: bool,
 }
@@ -225,6 +240,11 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
         .args(guest_flags(&args.guest))
         .args(["--think-us", &args.think_us.to_string()])
         .args(["--touches", &args.touches.to_string()])
+        .args(
+            args.rcvbuf
+                .iter()
+                .flat_map(|r| ["--rcvbuf".to_string(), r.0.to_string()]),
+        )
         .args(["--timeout-secs", &args.timeout_secs.to_string()])
         .arg("--key-file")
         .arg(&key_file)
@@ -256,6 +276,7 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
         .arg(&key_file)
         .args(["--chaos-breaks", &args.chaos_breaks.to_string()])
         .args(args.no_seq_assist.then_some("--no-seq-assist"))
+        .args(args.tuning.to_flags())
         .args(["--json", "--progress"])
         .arg(if show_progress { "always" } else { "never" })
         .stdin(Stdio::null())
@@ -349,6 +370,14 @@ pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
             reports.push(measure_floor(args, BulkMode::Separate, show)?.report());
         }
     }
+    let baseline = if all || args.baseline {
+        let bar = spinner(show, "stream baseline".into());
+        let b = stream::run(args.baseline_secs).context("stream baseline");
+        bar.finish_and_clear();
+        Some(b?)
+    } else {
+        None
+    };
     let modes: Vec<Mode> = match args.mode {
         DemoMode::One(m) => vec![m],
         DemoMode::All => Mode::ALL.to_vec(),
@@ -365,10 +394,14 @@ pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
         let mut r =
             run_pair(args, mode, show).with_context(|| format!("{} migration", mode.name()))?;
         r.floor_us = floor_ref;
+        if let Some(b) = &baseline {
+            r.set_baseline(b.gbytes_per_sec);
+        }
         reports.push(r);
     }
     Ok(DemoOutcome {
         reports,
+        baseline,
         floor_avg: floor_ref.map(|f| f.avg),
         all,
     })

@@ -117,6 +117,11 @@ impl FloorOutcome {
             }),
             source: None,
             dest: None,
+            source_cpu_ms: None,
+            dest_cpu_ms: None,
+            baseline_gbytes_per_sec: None,
+            precopy_gbytes_per_sec: None,
+            precopy_vs_baseline_pct: None,
         }
     }
 }

@@ -10,6 +10,7 @@ mod floor;
 mod migrate;
 mod report;
 mod size;
+mod stream;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,18 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure the physical floor of a page request over loopback TCP.
     Floor(FloorArgs),
+    /// The bulk baseline: blocking writev of 64 x (16 B header + 4 KiB page) over loopback
+    /// TCP to a draining reader thread, in GB/s.
+    Stream(StreamArgs),
+}
+
+#[derive(Args, Debug)]
+struct StreamArgs {
+    /// How long to stream (seconds).
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -101,11 +114,24 @@ fn run(cli: Cli) -> Result<Output> {
             };
             single(floor::run(&cfg)?.report(), a.json)
         }
+        Command::Stream(a) => {
+            let out = stream::run(a.secs)?;
+            Ok(Output {
+                human: out.render(),
+                json: serde_json::to_value(&out).context("serialising the result")?,
+                as_json: a.json,
+                failed_verification: false,
+            })
+        }
         Command::Demo(a) => {
             let out = demo::run(&a)?;
             let failed = out.reports.iter().any(|r| r.verified == Some(false));
             if out.all {
                 let mut human: String = out.reports.iter().map(|r| r.render() + "\n").collect();
+                if let Some(b) = &out.baseline {
+                    human.push_str(&b.render());
+                    human.push('\n');
+                }
                 human.push_str("== comparison (page-request latency, fault read -> placed) ==\n");
                 human.push_str(&comparison_table(&out.reports, out.floor_avg));
                 Ok(Output {

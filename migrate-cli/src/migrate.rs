@@ -101,6 +101,120 @@ impl GuestArgs {
     }
 }
 
+/// Source tuning knobs (bulk queue, records, socket, pacing). Unset: the engine's defaults.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SourceTuning {
+    /// The scanner waits while more than this many bytes are queued in its bulk sender.
+    #[arg(long, value_name = "SIZE")]
+    pub bulk_backlog: Option<Size>,
+    /// Largest page record the scanner builds (a multiple of the host page size).
+    #[arg(long, value_name = "SIZE")]
+    pub max_record: Option<Size>,
+    /// Most bytes coalesced into one bulk send.
+    #[arg(long, value_name = "SIZE")]
+    pub bulk_send: Option<Size>,
+    /// TCP_NOTSENT_LOWAT of the bulk socket.
+    #[arg(long, value_name = "SIZE")]
+    pub notsent_lowat: Option<Size>,
+    /// SO_SNDBUF of the bulk socket.
+    #[arg(long, value_name = "SIZE")]
+    pub sndbuf: Option<Size>,
+    /// While requests are served, pace the bulk socket at this fraction of its own rate.
+    #[arg(long, value_name = "F", conflicts_with = "no_pacing")]
+    pub pacing_headroom: Option<f64>,
+    /// Never pace the bulk socket.
+    #[arg(long)]
+    pub no_pacing: bool,
+}
+
+impl SourceTuning {
+    /// Applies the given knobs to `c`.
+    pub fn apply(&self, c: &mut SourceConfig) -> Result<()> {
+        if let Some(v) = self.bulk_backlog {
+            c.bulk_backlog = v.0;
+        }
+        if let Some(v) = self.max_record {
+            if v.0 == 0 {
+                bail!("--max-record must be positive");
+            }
+            c.max_record_bytes = v.0;
+        }
+        if let Some(v) = self.bulk_send {
+            if v.0 == 0 {
+                bail!("--bulk-send must be positive");
+            }
+            c.bulk.max_send_bytes = v.0;
+        }
+        if let Some(v) = self.notsent_lowat {
+            c.bulk_socket.notsent_lowat =
+                Some(u32::try_from(v.0).map_err(|_| anyhow::anyhow!("--notsent-lowat too large"))?);
+        }
+        if let Some(v) = self.sndbuf {
+            c.bulk_socket.send_buffer = Some(v.0);
+        }
+        if let Some(f) = self.pacing_headroom {
+            if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+                bail!("--pacing-headroom must be in (0, 1]");
+            }
+            c.adaptive_pacing = Some(f);
+        }
+        if self.no_pacing {
+            c.adaptive_pacing = None;
+        }
+        Ok(())
+    }
+
+    /// The effective settings, for the report.
+    pub fn settings(c: &SourceConfig, out: &mut serde_json::Value) {
+        out["bulk_backlog"] = json!(c.bulk_backlog);
+        out["max_record_bytes"] = json!(c.max_record_bytes);
+        out["bulk_send_bytes"] = json!(c.bulk.max_send_bytes);
+        out["notsent_lowat"] = json!(c.bulk_socket.notsent_lowat);
+        out["sndbuf"] = json!(c.bulk_socket.send_buffer);
+        out["adaptive_pacing"] = json!(c.adaptive_pacing);
+    }
+
+    /// The same knobs as command-line flags (for child processes).
+    pub fn to_flags(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (name, val) in [
+            ("--bulk-backlog", self.bulk_backlog),
+            ("--max-record", self.max_record),
+            ("--bulk-send", self.bulk_send),
+            ("--notsent-lowat", self.notsent_lowat),
+            ("--sndbuf", self.sndbuf),
+        ] {
+            if let Some(s) = val {
+                v.push(name.to_string());
+                v.push(s.0.to_string());
+            }
+        }
+        if let Some(f) = self.pacing_headroom {
+            v.push("--pacing-headroom".into());
+            v.push(f.to_string());
+        }
+        if self.no_pacing {
+            v.push("--no-pacing".into());
+        }
+        v
+    }
+}
+
+/// User + system CPU time of this process so far, in milliseconds (from /proc/self/stat).
+pub fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based) of the whole line; `rest` starts at 3.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some((utime + stime) * 1000.0 / hz)
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct DestArgs {
     /// Where to listen: IP:PORT (port 0 picks one) or unix:/path.
@@ -132,6 +246,9 @@ pub struct DestArgs {
     /// Write the bound endpoint (with the real port) to this file once listening.
     #[arg(long)]
     pub port_file: Option<PathBuf>,
+    /// SO_RCVBUF of the main (bulk) connection (default: the engine's, 256 KiB).
+    #[arg(long, value_name = "SIZE")]
+    pub rcvbuf: Option<Size>,
     /// Print one JSON document on stdout instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -192,6 +309,8 @@ pub struct SourceArgs {
     /// a requested page) and pushing pages ahead of a sequential request stream.
     #[arg(long)]
     pub no_seq_assist: bool,
+    #[command(flatten)]
+    pub tuning: SourceTuning,
     #[arg(long)]
     pub json: bool,
     #[arg(long, value_enum, default_value = "auto")]
@@ -287,13 +406,17 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
     );
     tracing::info!(endpoint = %local, mem = %args.guest.mem, "destination listening");
 
-    let config = DestConfig {
+    let mut config = DestConfig {
         timeout: Duration::from_secs(args.timeout_secs.max(1)),
         key,
         link_timeout,
         resume_timeout: Duration::from_secs(args.resume_timeout_secs.max(1)),
         ..DestConfig::default()
     };
+    if let Some(r) = args.rcvbuf {
+        config.main_socket.recv_buffer = Some(r.0);
+    }
+    let rcvbuf = config.main_socket.recv_buffer;
     let dest = Destination::new(mem.clone(), config)
         .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
     let bar = DestBar::start(dest.watch(), args.progress.enabled(args.json));
@@ -315,7 +438,9 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
             ));
         }
     };
+    let cpu0 = process_cpu_ms();
     let result = dest.accept(&listener, &mut run);
+    let cpu1 = process_cpu_ms();
     bar.finish();
     // The guest has run through postcopy; stop it now that every page is here.
     let (touches, writes) = match guest.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -335,7 +460,10 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
     settings["authenticated"] = json!(args.key_file.is_some());
     settings["link_timeout_secs"] = json!(args.link_timeout_secs);
     settings["resume_timeout_secs"] = json!(args.resume_timeout_secs);
-    Ok(Report::from_dest(&report, None, settings))
+    settings["rcvbuf"] = json!(rcvbuf);
+    let mut r = Report::from_dest(&report, None, settings);
+    r.dest_cpu_ms = cpu0.zip(cpu1).map(|(a, b)| b - a);
+    Ok(r)
 }
 
 /// Runs the source side.
@@ -363,7 +491,7 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         args.guest.access,
         args.dirty_rate,
     );
-    let config = SourceConfig {
+    let mut config = SourceConfig {
         mode: args.mode,
         precopy: limits.clone(),
         verify: !args.no_verify,
@@ -385,6 +513,9 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         },
         ..SourceConfig::default()
     };
+    args.tuning.apply(&mut config)?;
+    let mut tuning = json!({});
+    SourceTuning::settings(&config, &mut tuning);
     let source = Source::new(mem.clone(), config);
     let bar = SourceBar::start(source.progress(), args.progress.enabled(args.json));
     let guest_writes = Arc::new(Mutex::new(None));
@@ -398,6 +529,7 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     };
     tracing::info!(to = %args.connect, mode = args.mode.name(), "source migrating");
     let stop = AtomicBool::new(false);
+    let cpu0 = process_cpu_ms();
     let (result, breaks) = std::thread::scope(|s| {
         let chaos =
             (args.chaos_breaks > 0).then(|| s.spawn(|| chaos(&source, args.chaos_breaks, &stop)));
@@ -405,6 +537,7 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         stop.store(true, Release);
         (r, chaos.map_or(0, |c| c.join().unwrap_or(0)))
     });
+    let cpu1 = process_cpu_ms();
     bar.finish();
     let report = result.with_context(|| format!("migration to {} failed", args.connect))?;
     let mut settings = args.guest.settings();
@@ -424,7 +557,14 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     }
     settings["source_guest_writes"] =
         json!(*guest_writes.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Report::from_source(&report, settings))
+    if let serde_json::Value::Object(t) = tuning {
+        for (k, v) in t {
+            settings[k] = v;
+        }
+    }
+    let mut r = Report::from_source(&report, settings);
+    r.source_cpu_ms = cpu0.zip(cpu1).map(|(a, b)| b - a);
+    Ok(r)
 }
 
 fn bar_style() -> ProgressStyle {

@@ -138,6 +138,22 @@ pub struct Report {
     pub source: Option<serde_json::Value>,
     /// The engine's full destination report, when available.
     pub dest: Option<serde_json::Value>,
+    /// CPU time (user + system) of the source process during the migration, in ms.
+    #[serde(default)]
+    pub source_cpu_ms: Option<f64>,
+    /// CPU time (user + system) of the destination process during the migration (including
+    /// its guest's vCPU threads), in ms.
+    #[serde(default)]
+    pub dest_cpu_ms: Option<f64>,
+    /// The same-run `stream` baseline (GB/s), when measured.
+    #[serde(default)]
+    pub baseline_gbytes_per_sec: Option<f64>,
+    /// Precopy bulk throughput (source precopy bytes / precopy time), GB/s.
+    #[serde(default)]
+    pub precopy_gbytes_per_sec: Option<f64>,
+    /// `precopy_gbytes_per_sec` as a percentage of the baseline.
+    #[serde(default)]
+    pub precopy_vs_baseline_pct: Option<f64>,
 }
 
 pub fn gbps(bytes: u64, ms: f64) -> f64 {
@@ -151,6 +167,8 @@ pub fn gbps(bytes: u64, ms: f64) -> f64 {
 impl Report {
     pub fn from_source(r: &SourceReport, settings: serde_json::Value) -> Self {
         let c = &r.counters;
+        let precopy_gbytes_per_sec = (r.precopy_passes > 0 && r.precopy_ms > 0.0)
+            .then(|| r.precopy_bytes as f64 / (r.precopy_ms * 1e6));
         Self {
             mode: Some(r.mode.name().to_string()),
             role: "source".into(),
@@ -178,6 +196,11 @@ impl Report {
             settings,
             source: serde_json::to_value(r).ok(),
             dest: None,
+            source_cpu_ms: None,
+            dest_cpu_ms: None,
+            baseline_gbytes_per_sec: None,
+            precopy_gbytes_per_sec,
+            precopy_vs_baseline_pct: None,
         }
     }
 
@@ -210,6 +233,11 @@ impl Report {
             settings,
             source: None,
             dest: serde_json::to_value(r).ok(),
+            source_cpu_ms: None,
+            dest_cpu_ms: None,
+            baseline_gbytes_per_sec: None,
+            precopy_gbytes_per_sec: None,
+            precopy_vs_baseline_pct: None,
         }
     }
 
@@ -240,7 +268,21 @@ impl Report {
             settings: merge_settings(src.settings, dst.settings),
             source: src.source,
             dest: dst.dest,
+            source_cpu_ms: src.source_cpu_ms,
+            dest_cpu_ms: dst.dest_cpu_ms,
+            baseline_gbytes_per_sec: None,
+            precopy_gbytes_per_sec: src.precopy_gbytes_per_sec,
+            precopy_vs_baseline_pct: None,
         }
+    }
+
+    /// Records the same-run bulk baseline and the precopy throughput against it.
+    pub fn set_baseline(&mut self, gbytes_per_sec: f64) {
+        self.baseline_gbytes_per_sec = Some(gbytes_per_sec);
+        self.precopy_vs_baseline_pct = self
+            .precopy_gbytes_per_sec
+            .filter(|_| gbytes_per_sec > 0.0)
+            .map(|p| p * 100.0 / gbytes_per_sec);
     }
 
     /// The human report.
@@ -304,6 +346,21 @@ impl Report {
             "total: {:.1} ms  downtime: {downtime}  throughput: {:.2} Gbit/s",
             self.total_ms, self.throughput_gbps
         );
+        if let Some(p) = self.precopy_gbytes_per_sec {
+            let vs = match (self.baseline_gbytes_per_sec, self.precopy_vs_baseline_pct) {
+                (Some(b), Some(pct)) => format!(" = {pct:.0}% of the stream baseline {b:.2} GB/s"),
+                _ => String::new(),
+            };
+            let _ = writeln!(o, "precopy throughput: {p:.2} GB/s{vs}");
+        }
+        if let Some(c) = self.source_cpu_ms {
+            let pages = (self.pages.bulk + self.pages.urgent).max(1);
+            let _ = writeln!(
+                o,
+                "source CPU: {c:.0} ms ({:.2} us per page sent)",
+                c * 1e3 / pages as f64
+            );
+        }
         let _ = writeln!(o, "verification: {}", self.verification_text());
         o
     }
@@ -383,6 +440,23 @@ pub fn comparison_table(rows: &[Report], floor_avg: Option<f64>) -> String {
             verified
         );
     }
+    if let Some(b) = rows.iter().find_map(|r| r.baseline_gbytes_per_sec) {
+        let _ = writeln!(o, "bulk baseline (stream, same run): {b:.2} GB/s");
+        for r in rows.iter().filter(|r| r.role == "migration") {
+            let _ = match (r.precopy_gbytes_per_sec, r.precopy_vs_baseline_pct) {
+                (Some(p), Some(pct)) => writeln!(
+                    o,
+                    "  {:<18} precopy {p:.2} GB/s = {pct:.0}% of baseline",
+                    r.mode.as_deref().unwrap_or("?")
+                ),
+                _ => writeln!(
+                    o,
+                    "  {:<18} precopy throughput n/a (pure postcopy; use --postcopy-after-passes 1+)",
+                    r.mode.as_deref().unwrap_or("?")
+                ),
+            };
+        }
+    }
     o
 }
 
@@ -434,6 +508,11 @@ mod tests {
             settings: serde_json::json!({"mem": 1}),
             source: None,
             dest: None,
+            source_cpu_ms: None,
+            dest_cpu_ms: None,
+            baseline_gbytes_per_sec: None,
+            precopy_gbytes_per_sec: None,
+            precopy_vs_baseline_pct: None,
         }
     }
 

@@ -592,3 +592,55 @@ fn recovery_flags_reach_the_report() {
         stderr(&o)
     );
 }
+
+#[test]
+fn stream_baseline_json() {
+    let o = run(&["stream", "--json", "--secs", "0.2"]);
+    let v = json(&o);
+    assert_eq!(v["mode"], "stream");
+    let gbs = v["gbytes_per_sec"].as_f64().unwrap();
+    assert!(gbs > 0.0, "{v}");
+    let pages = v["pages"].as_u64().unwrap();
+    assert!(pages > 0, "{v}");
+    assert_eq!(v["bytes"].as_u64().unwrap(), pages * (4096 + 16));
+    assert!(v["secs"].as_f64().unwrap() >= 0.2, "{v}");
+}
+
+#[test]
+fn source_tuning_flags_reach_the_settings() {
+    let o = run(&[
+        "demo",
+        "--json",
+        "--mem",
+        "16M",
+        "--bulk-backlog",
+        "512K",
+        "--max-record",
+        "32K",
+        "--bulk-send",
+        "64K",
+        "--notsent-lowat",
+        "64K",
+        "--sndbuf",
+        "1M",
+        "--no-pacing",
+        "--rcvbuf",
+        "512K",
+        "--postcopy-after-passes",
+        "1",
+        "--baseline",
+        "--baseline-secs",
+        "0.1",
+    ]);
+    let v = json(&o);
+    let s = &v["settings"];
+    assert_eq!(s["bulk_backlog"], 512 << 10, "{s}");
+    assert_eq!(s["max_record_bytes"], 32 << 10, "{s}");
+    assert_eq!(s["bulk_send_bytes"], 64 << 10, "{s}");
+    assert_eq!(s["notsent_lowat"], 64 << 10, "{s}");
+    assert_eq!(s["sndbuf"], 1 << 20, "{s}");
+    assert_eq!(s["adaptive_pacing"], Value::Null, "{s}");
+    assert_eq!(s["rcvbuf"], 512 << 10, "{s}");
+    assert!(v["baseline_gbytes_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["precopy_vs_baseline_pct"].as_f64().unwrap() > 0.0, "{v}");
+}

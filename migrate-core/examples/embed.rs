@@ -131,8 +131,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dest.latency.p999
     );
     println!(
-        "bulk throughput {:.2} GB/s",
-        source.bulk.bytes as f64 / source.total_ms / 1e6
+        "bulk throughput {:.2} GB/s, precopy {:.2} GB/s",
+        source.bulk.bytes as f64 / source.total_ms / 1e6,
+        source.precopy_bytes as f64 / source.precopy_ms.max(1e-3) / 1e6
     );
     println!("source {:?}", source.counters);
     println!("dest   {:?}", dest.counters);

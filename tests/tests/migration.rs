@@ -170,6 +170,12 @@ fn every_mode_against_the_same_receiver() {
         assert_identical(&o);
         urgent.push(o.dest.counters.pages_urgent);
     }
-    assert_eq!(urgent[0], 0, "vanilla sends requested pages on the main channel");
-    assert!(urgent[1] > 0 && urgent[2] > 0, "preempt modes use the urgent channel: {urgent:?}");
+    assert_eq!(
+        urgent[0], 0,
+        "vanilla sends requested pages on the main channel"
+    );
+    assert!(
+        urgent[1] > 0 && urgent[2] > 0,
+        "preempt modes use the urgent channel: {urgent:?}"
+    );
 }

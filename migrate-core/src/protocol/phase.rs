@@ -63,7 +63,8 @@ impl DestPhase {
     pub fn on_main(&mut self, record: &Record) -> Result<PhaseAction, ProtocolError> {
         use DestPhase::*;
         let action = match (*self, record) {
-            (_, Record::Ping) if *self != Ended => PhaseAction::Nothing,
+            // Heartbeats continue after End while the source waits for Done.
+            (_, Record::Ping) => PhaseAction::Nothing,
             (Precopy, Record::Pages { .. }) => PhaseAction::WriteDirect,
             (Precopy, Record::Zero { .. }) => PhaseAction::ZeroDirect,
             (Precopy, Record::Discard { .. }) => PhaseAction::Discard,
@@ -158,6 +159,10 @@ mod tests {
         p.on_main(&Record::Run).unwrap();
         p.on_main(&Record::End).unwrap();
         assert!(p.on_main(&PAGE).is_err());
-        assert!(p.on_main(&Record::Ping).is_err());
+        assert_eq!(
+            p.on_main(&Record::Ping).unwrap(),
+            PhaseAction::Nothing,
+            "pings outlive End"
+        );
     }
 }

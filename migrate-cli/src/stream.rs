@@ -1,0 +1,179 @@
+//! `stream`: the same-run bulk baseline. Plain blocking `writev` of 64 × (16-byte header +
+//! 4 KiB page) over loopback TCP to a thread that drains the connection; reports GB/s.
+
+use std::io::Read;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+const PAGE: usize = 4096;
+const HEADER: usize = 16;
+const BATCH: usize = 64;
+
+/// One baseline measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamOutcome {
+    pub role: String,
+    pub mode: String,
+    /// Page + header bytes written per second, in GB/s (10^9).
+    pub gbytes_per_sec: f64,
+    /// Page bytes only, in GB/s.
+    pub page_gbytes_per_sec: f64,
+    pub bytes: u64,
+    pub pages: u64,
+    pub secs: f64,
+    pub writev_calls: u64,
+    /// CPU time (user + system) of the writing thread per page, in µs (null if unknown).
+    pub sender_cpu_us_per_page: Option<f64>,
+}
+
+impl StreamOutcome {
+    pub fn render(&self) -> String {
+        let cpu = self
+            .sender_cpu_us_per_page
+            .map_or("-".to_string(), |c| format!("{c:.3} us"));
+        format!(
+            "== stream baseline (writev 64 x (16 B + 4 KiB), loopback TCP) ==\n\
+             {:.2} GB/s ({:.2} GB/s of pages), {} pages in {:.2} s, {} writev calls, \
+             sender CPU per page {cpu}\n",
+            self.gbytes_per_sec, self.page_gbytes_per_sec, self.pages, self.secs, self.writev_calls
+        )
+    }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_secs() -> Option<f64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+}
+
+/// Runs the baseline for `secs` seconds.
+pub fn run(secs: f64) -> Result<StreamOutcome> {
+    if !(secs.is_finite() && secs > 0.0) {
+        bail!("--secs must be a positive number of seconds");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let conn = TcpStream::connect(addr).context("connecting over loopback")?;
+    let fd = conn.as_raw_fd();
+    // The payload: 64 distinct pages and headers, touched once so no page faults are timed.
+    let pages: Vec<u8> = (0..BATCH * PAGE).map(|i| (i % 251) as u8).collect();
+    let headers: Vec<u8> = vec![0xa5; BATCH * HEADER];
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * BATCH);
+    for i in 0..BATCH {
+        iov.push(libc::iovec {
+            iov_base: headers[i * HEADER..].as_ptr() as *mut libc::c_void,
+            iov_len: HEADER,
+        });
+        iov.push(libc::iovec {
+            iov_base: pages[i * PAGE..].as_ptr() as *mut libc::c_void,
+            iov_len: PAGE,
+        });
+    }
+    let batch_bytes = BATCH * (HEADER + PAGE);
+    let deadline = Duration::from_secs_f64(secs);
+    let cpu0 = thread_cpu_secs();
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    let mut calls = 0u64;
+    while start.elapsed() < deadline {
+        // One batch, resubmitting the rest after a short write.
+        let mut done = 0usize;
+        while done < batch_bytes {
+            let (first, skip) = locate(&iov, done);
+            let mut v: Vec<libc::iovec> = iov[first..].to_vec();
+            // SAFETY: `skip` is within the first iovec, which points into a live buffer.
+            v[0].iov_base = unsafe { (v[0].iov_base as *mut u8).add(skip) } as *mut libc::c_void;
+            v[0].iov_len -= skip;
+            // SAFETY: every iovec points into `headers` or `pages`, alive for this call.
+            let n = unsafe { libc::writev(fd, v.as_ptr(), v.len() as libc::c_int) };
+            calls += 1;
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("writev");
+            }
+            done += n as usize;
+        }
+        bytes += batch_bytes as u64;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = thread_cpu_secs();
+    conn.shutdown(Shutdown::Write).ok();
+    let received = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?
+        .context("reading the stream")?;
+    if received != bytes {
+        bail!("the reader got {received} bytes of {bytes}");
+    }
+    let pages_sent = bytes / (HEADER + PAGE) as u64;
+    Ok(StreamOutcome {
+        role: "stream".into(),
+        mode: "stream".into(),
+        gbytes_per_sec: bytes as f64 / elapsed / 1e9,
+        page_gbytes_per_sec: (pages_sent * PAGE as u64) as f64 / elapsed / 1e9,
+        bytes,
+        pages: pages_sent,
+        secs: elapsed,
+        writev_calls: calls,
+        sender_cpu_us_per_page: cpu0
+            .zip(cpu1)
+            .map(|(a, b)| (b - a) * 1e6 / pages_sent.max(1) as f64),
+    })
+}
+
+/// The iovec index and offset within it where byte `done` of the batch lies.
+fn locate(iov: &[libc::iovec], mut done: usize) -> (usize, usize) {
+    for (i, v) in iov.iter().enumerate() {
+        if done < v.iov_len {
+            return (i, done);
+        }
+        done -= v.iov_len;
+    }
+    (iov.len(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_finds_offsets() {
+        let a = [0u8; 8];
+        let iov: Vec<libc::iovec> = [3usize, 5]
+            .iter()
+            .map(|&l| libc::iovec {
+                iov_base: a.as_ptr() as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        assert_eq!(locate(&iov, 0), (0, 0));
+        assert_eq!(locate(&iov, 2), (0, 2));
+        assert_eq!(locate(&iov, 3), (1, 0));
+        assert_eq!(locate(&iov, 7), (1, 4));
+    }
+}
