@@ -15,8 +15,9 @@ use crate::protocol::{
     Challenge, Channel, Hello, HelloReply, ProtocolError, RegionInfo, RegionTable,
 };
 
-/// The region table describing `memory`.
-pub fn region_table(memory: &GuestMemory) -> RegionTable {
+/// The region table describing `memory`; an error if a region cannot be described on the
+/// wire (e.g. a borrowed region with an unusual page size).
+pub fn region_table(memory: &GuestMemory) -> Result<RegionTable, ProtocolError> {
     let regions = memory
         .regions()
         .iter()
@@ -27,8 +28,7 @@ pub fn region_table(memory: &GuestMemory) -> RegionTable {
             len: r.len() as u64,
         })
         .collect();
-    // GuestMemory enforces the same rules (ids 0..n, unique non-empty names, page multiples).
-    RegionTable::new(regions).expect("GuestMemory always yields a valid region table")
+    RegionTable::new(regions)
 }
 
 fn write_all(stream: &Stream, bytes: &[u8]) -> Result<(), MigrateError> {

@@ -342,7 +342,7 @@ impl FakeSource {
     /// Connects main then urgent and handshakes both with the destination's own region table.
     pub fn connect(dest: &DestUnderTest, session: u64) -> Self {
         use migrate_core::protocol::{Channel, Hello, ReplyStatus};
-        let table = migrate_core::handshake::region_table(&dest.memory);
+        let table = migrate_core::handshake::region_table(&dest.memory).unwrap();
         let mut main = raw_connect(dest.addr());
         let r = raw_handshake(
             &mut main,

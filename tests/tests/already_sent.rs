@@ -138,7 +138,7 @@ fn request_for_a_page_already_sent_is_not_resent() {
     let mem = zeroed_memory(REGION);
     fill_initial(&mem, 4);
     let (listener, ep) = loopback_listener();
-    let dest = fake_destination(listener, region_table(&mem));
+    let dest = fake_destination(listener, region_table(&mem).unwrap());
 
     let mut cfg = SourceConfig {
         mode: Mode::PreemptFull,

@@ -153,7 +153,7 @@ fn matching_keys_migrate_and_verify() {
 #[test]
 fn raw_connection_without_proof_places_nothing() {
     let dest = dest_with(Some(key("the destination's key, 32 bytes")));
-    let table = migrate_core::handshake::region_table(&dest.memory);
+    let table = migrate_core::handshake::region_table(&dest.memory).unwrap();
     let mut s = raw_connect(dest.addr());
     let mut hello = Hello::new(Channel::Main, 0x5eed, table);
     hello.flags = HELLO_AUTH;

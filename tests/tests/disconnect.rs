@@ -27,7 +27,7 @@ fn fake_destination(
 ) -> (Endpoint, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let ep = Endpoint::Tcp(listener.local_addr().unwrap());
-    let table = migrate_core::handshake::region_table(memory);
+    let table = migrate_core::handshake::region_table(memory).unwrap();
     let t = std::thread::spawn(move || {
         let handshake = |s: TcpStream| {
             let table = table.clone();

@@ -55,7 +55,7 @@ fn expect_rejected(d: &DestUnderTest, words: &[&str]) -> String {
 }
 
 fn table(d: &DestUnderTest) -> RegionTable {
-    migrate_core::handshake::region_table(&d.memory)
+    migrate_core::handshake::region_table(&d.memory).unwrap()
 }
 
 /// The destination's table with region `i` changed by `f`.

@@ -130,7 +130,7 @@ impl Destination {
         control: &mut dyn DestControl,
     ) -> Result<DestReport, MigrateError> {
         let start = Instant::now();
-        let table = region_table(&self.memory);
+        let table = region_table(&self.memory)?;
         let mut link = self.accept_link(listener, &table, None)?;
         let session = link.session;
         let shared = self.shared.clone();

@@ -251,7 +251,7 @@ impl Source {
     ) -> Result<SourceReport, MigrateError> {
         let start = Instant::now();
         let cfg = &self.config;
-        let table = region_table(&self.memory);
+        let table = region_table(&self.memory)?;
         let session: u64 = rand::random();
         let link = self.open_link(endpoint, session, &table, false)?;
 
