@@ -338,15 +338,19 @@ impl Scanner {
         let pause_at = Instant::now();
         control.pause().map_err(MigrateError::Pause)?;
         self.switched = true;
+        let paused_in = pause_at.elapsed();
         for (r, region) in self.memory.regions().iter().enumerate() {
             dirty.collect(region, &self.claims.to_send[r])?;
         }
-        dirty.stop(&self.memory)?;
+        let synced_in = pause_at.elapsed();
         self.send_discards(&sent_once)?;
         self.push_command(Record::Postcopy)?;
         self.push_command(Record::Run)?;
         self.bulk.flush()?;
         let downtime = pause_at.elapsed();
+        // The guest no longer writes: tracking can stop after the destination may run.
+        dirty.stop(&self.memory)?;
+        tracing::debug!(?paused_in, ?synced_in, ?downtime, "switchover");
         let left = self.claims.remaining();
         self.progress.pages_left.store(left, Relaxed);
         self.progress.set_phase(SourcePhase::Postcopy);
@@ -367,9 +371,16 @@ impl Scanner {
         for (r, region) in self.memory.regions().iter().enumerate() {
             let (dirty, sent) = (&self.claims.to_send[r], &sent_once[r]);
             let page = region.host_page_size() as u64;
+            // Walk whichever set is smaller (pure postcopy: nothing was sent; after precopy:
+            // little is dirty); a page is discarded if it is in both.
+            let (walk, other) = if sent.count_ones() < dirty.count_ones() {
+                (sent, dirty)
+            } else {
+                (dirty, sent)
+            };
             let mut hp = 0;
-            while let Some(i) = dirty.next_set(hp) {
-                if !sent.test(i) {
+            while let Some(i) = walk.next_set(hp) {
+                if !other.test(i) {
                     hp = i + 1;
                     continue;
                 }
