@@ -157,18 +157,30 @@ impl Destination {
             let event = std::thread::scope(|s| {
                 let placement = self.config.placement();
                 let (shared_u, table_u) = (&*shared, &table);
-                s.spawn(move || {
-                    placement.enter_urgent("urgent receiver");
-                    urgent_loop(shared_u, urgent, table_u)
-                });
+                let spawned = std::thread::Builder::new()
+                    .name("dst-urgent".into())
+                    .spawn_scoped(s, move || {
+                        placement.enter_urgent("urgent receiver");
+                        urgent_loop(shared_u, urgent, table_u)
+                    });
+                if let Err(e) = spawned {
+                    shared.fail(MigrateError::Internal(format!(
+                        "spawn urgent receiver: {e}"
+                    )));
+                }
                 let (ms, ret_m, stop_m, table_m) = (&main_state, &ret, &stop, &table);
                 let control = &mut *control;
-                s.spawn(move || {
-                    self.config.placement().enter_bulk("main receiver");
-                    if let Err(e) = self.main_loop(main, table_m, ms, ret_m, stop_m, control) {
-                        self.shared.report(e);
-                    }
-                });
+                let spawned = std::thread::Builder::new()
+                    .name("dst-main".into())
+                    .spawn_scoped(s, move || {
+                        self.config.placement().enter_bulk("main receiver");
+                        if let Err(e) = self.main_loop(main, table_m, ms, ret_m, stop_m, control) {
+                            self.shared.report(e);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    shared.fail(MigrateError::Internal(format!("spawn main receiver: {e}")));
+                }
                 let event = match shared.wait_event() {
                     Event::Complete => Event::Done(self.finish(&main_state, &ret)),
                     Event::Fatal(e) => {
@@ -209,7 +221,7 @@ impl Destination {
                                 shared.set_phase(DestPhase::Running);
                                 let mut st = main_state.lock().unwrap_or_else(|p| p.into_inner());
                                 st.run_at = Some(Instant::now());
-                                st.huge_at_run = self.memory.anon_huge_bytes();
+                                st.huge_at_run = self.thp_bytes();
                                 drop(st);
                                 control.run();
                             }
@@ -237,7 +249,7 @@ impl Destination {
             verify,
             total_ms: start.elapsed().as_secs_f64() * 1e3,
             postcopy_ms: st.run_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
-            anon_huge_bytes: (st.huge_at_run, self.memory.anon_huge_bytes()),
+            anon_huge_bytes: (st.huge_at_run, self.thp_bytes()),
             recoveries,
         })
     }
@@ -485,7 +497,7 @@ impl Destination {
                     shared.set_phase(DestPhase::Running);
                     {
                         let mut st = lock(st);
-                        st.huge_at_run = self.memory.anon_huge_bytes();
+                        st.huge_at_run = self.thp_bytes();
                         st.run_at = Some(Instant::now());
                     }
                     control.run();
@@ -542,6 +554,18 @@ impl Destination {
             }
         }
     }
+    /// `AnonHugePages` of guest memory, for regions backed by transparent huge pages only
+    /// (reading `/proc/self/smaps` walks every mapping: not on the way to running the guest
+    /// unless it matters).
+    fn thp_bytes(&self) -> Option<u64> {
+        self.memory
+            .regions()
+            .iter()
+            .any(|r| r.backing() == Backing::TransparentHuge)
+            .then(|| self.memory.anon_huge_bytes())
+            .flatten()
+    }
+
     /// Every page is in place and the stream ended: verify, release userfaultfd, tell the
     /// source.
     fn finish(&self, st: &Mutex<MainState>, ret: &Mutex<Option<Stream>>) -> Option<VerifyReport> {
