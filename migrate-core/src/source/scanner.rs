@@ -90,8 +90,9 @@ impl Scanner {
                 u.poll()?;
             }
             self.bulk.poll()?;
-            // A queue shorter than one send would starve the sender between sends (measured:
-            // 50 ms stalls), so the limit is at least one send.
+            // A queue shorter than one send starved the sender between sends while it used
+            // zero-copy sends (measured: 50 ms stalls per record; not seen since Auto zero copy
+            // gives up on copying paths), so the limit is at least one send.
             let limit = self
                 .config
                 .bulk_backlog
