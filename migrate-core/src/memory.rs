@@ -155,6 +155,31 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// Makes the first `len` bytes fresh zero memory, allocated now: drops whatever is there
+    /// (`MADV_DONTNEED`) and pre-faults it for writing (`MADV_POPULATE_WRITE`), so on a THP
+    /// mapping the kernel hands out zeroed huge pages without a second pass of zeroing.
+    pub fn fresh_zeroed(&self, len: usize) -> Result<(), MemoryError> {
+        if len > self.len() || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::OutOfRange {
+                offset: 0,
+                len: len as u64,
+                size: self.len(),
+            });
+        }
+        madvise(
+            self.addr(),
+            len,
+            libc::MADV_DONTNEED,
+            "madvise(MADV_DONTNEED)",
+        )?;
+        madvise(
+            self.addr(),
+            len,
+            libc::MADV_POPULATE_WRITE,
+            "madvise(MADV_POPULATE_WRITE)",
+        )
+    }
+
     /// Map `len` bytes of private memory with the given backing. `len` must be a non-zero
     /// multiple of `backing.host_page_size()`. The memory reads as zero and is not populated.
     pub fn new(name: &str, len: usize, backing: Backing) -> Result<Mapping, MemoryError> {

@@ -529,7 +529,7 @@ impl Destination {
                     },
                 ) => {
                     let reg = self.memory.regions()[region as usize].clone();
-                    shared.place_zero(&reg, offset as usize, len as usize)?;
+                    shared.place_zero(&reg, offset as usize, len as usize, &mut staging)?;
                 }
                 (PhaseAction::StoreDigests, Record::Digests { region, offset, .. }) => {
                     payload.resize(rec.payload_len(), 0);

@@ -62,7 +62,7 @@ pub(crate) fn urgent_loop(shared: &DestShared, mut reader: FrameReader, table: &
                     },
                 ) => {
                     let reg = shared.memory.regions()[region as usize].clone();
-                    shared.place_zero(&reg, offset as usize, len as usize)?
+                    shared.place_zero(&reg, offset as usize, len as usize, &mut staging)?
                 }
                 _ => {}
             }

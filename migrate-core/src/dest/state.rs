@@ -232,12 +232,25 @@ impl DestShared {
         region: &GuestRegion,
         offset: usize,
         len: usize,
+        staging: &mut Staging,
     ) -> Result<(), MigrateError> {
         let uffd = self.uffd.get().ok_or_else(|| {
             MigrateError::Internal("placement before userfaultfd was armed".into())
         })?;
         let page = region.host_page_size();
-        uffd.zeropage(region.base_addr() + offset, len, page, true)?;
+        let dst = region.base_addr() + offset;
+        if region.backing() == Backing::TransparentHuge {
+            // `UFFDIO_ZEROPAGE` would map 4 KiB zero pages and the range would never be huge
+            // again: move freshly zeroed huge pages in instead (the kernel's zeroing costs what
+            // the guest's first write fault would have).
+            for chunk in (0..len).step_by(HUGE_PAGE_SIZE.max(page)) {
+                let n = (len - chunk).min(HUGE_PAGE_SIZE.max(page));
+                let buf = staging.zeroed(n, Backing::TransparentHuge)?;
+                uffd.move_pages(dst + chunk, buf.as_ptr() as usize, n, page, true)?;
+            }
+        } else {
+            uffd.zeropage(dst, len, page, true)?;
+        }
         self.counters
             .zero_pages
             .fetch_add((len / page) as u64, Relaxed);
@@ -260,6 +273,17 @@ impl Staging {
             copy: None,
             thp: None,
         }
+    }
+
+    /// Like [`Staging::get`], but the buffer is fresh zeroed memory (allocated now).
+    pub fn zeroed(&mut self, len: usize, backing: Backing) -> Result<&mut [u8], MigrateError> {
+        self.get(len, backing)?;
+        let slot = match backing {
+            Backing::TransparentHuge => &self.thp,
+            _ => &self.copy,
+        };
+        slot.as_ref().expect("get allocated it").fresh_zeroed(len)?;
+        self.get(len, backing)
     }
 
     /// A buffer of exactly `len` bytes for a record of a region with `backing`.
