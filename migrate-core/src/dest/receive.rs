@@ -28,6 +28,10 @@ pub(crate) fn place_record(
 /// the connection ends; reports failures to the coordinator.
 pub(crate) fn urgent_loop(shared: &DestShared, mut reader: FrameReader, table: &RegionTable) {
     let mut staging = Staging::new();
+    // Map and fault in the staging buffer before the first request needs it.
+    if let Ok(buf) = staging.get(64 << 10, crate::memory::Backing::Anonymous) {
+        buf.fill(0);
+    }
     let result = (|| -> Result<(), MigrateError> {
         loop {
             let Some(hdr) = reader.read_header::<RECORD_HEADER_LEN>()? else {

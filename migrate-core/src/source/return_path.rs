@@ -54,6 +54,10 @@ impl ReturnPath {
     }
 
     fn serve(&mut self) -> Result<(), MigrateError> {
+        // Bind and enable the urgent ring now (first use), not on the first request.
+        if let Some(u) = self.urgent.as_mut() {
+            u.poll()?;
+        }
         loop {
             let Some(hdr) = self.reader.read_header::<RETURN_HEADER_LEN>()? else {
                 return Err(MigrateError::Link(
