@@ -182,7 +182,7 @@ impl Default for SourceConfig {
 /// Destination settings.
 #[derive(Clone, Debug)]
 pub struct DestConfig {
-    /// Options for the main connection (its reverse direction carries page requests).
+    /// Options for the main connection.
     pub main_socket: SocketOptions,
     pub urgent_socket: SocketOptions,
     /// Give up if the source is silent this long (before postcopy) or a handshake stalls.

@@ -380,19 +380,19 @@ impl FakeSource {
         let _ = self.urgent.write_all(payload);
     }
 
-    /// Reads the destination's final return-path message on the main channel: `Ok(message)` for
-    /// an error report, `Err(description)` for anything else.
+    /// Reads the destination's final return-path message (the urgent connection's reverse
+    /// direction): `Ok(message)` for an error report, `Err(description)` for anything else.
     pub fn read_return_error(&mut self) -> Result<String, String> {
         use migrate_core::protocol::{ReturnMsg, RETURN_HEADER_LEN};
         use std::io::Read;
         let mut hdr = [0u8; RETURN_HEADER_LEN];
-        self.main
+        self.urgent
             .read_exact(&mut hdr)
             .map_err(|e| format!("no return-path message: {e}"))?;
         match ReturnMsg::decode(&hdr, &self.table) {
             Ok(ReturnMsg::Error { len }) => {
                 let mut msg = vec![0u8; len as usize];
-                self.main
+                self.urgent
                     .read_exact(&mut msg)
                     .map_err(|e| format!("truncated error message: {e}"))?;
                 Ok(String::from_utf8_lossy(&msg).into_owned())

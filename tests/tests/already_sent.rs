@@ -89,6 +89,8 @@ fn fake_destination(
             }
         }
         let (mut main, mut urgent) = (main.unwrap(), urgent.unwrap());
+        // The return path is the urgent connection's reverse direction.
+        let writer = urgent.stream().try_clone().map_err(|e| e.to_string())?;
         let urgent_thread = {
             let table = table.clone();
             std::thread::spawn(move || {
@@ -98,7 +100,6 @@ fn fake_destination(
                 seen
             })
         };
-        let writer = main.stream().try_clone().map_err(|e| e.to_string())?;
         let send = |m: ReturnMsg| (&writer).write_all(&m.encode()).map_err(|e| e.to_string());
         let mut seen = Seen::new();
         let mut requested = None;

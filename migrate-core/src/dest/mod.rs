@@ -134,8 +134,10 @@ impl Destination {
         let mut link = self.accept_link(listener, &table, None)?;
         let session = link.session;
         let shared = self.shared.clone();
+        // The return path runs on the urgent connection's reverse direction (a request written
+        // on the main socket would wait for its lock behind the bulk receiver's reads).
         let ret: Arc<Mutex<Option<Stream>>> =
-            Arc::new(Mutex::new(Some(link.main.stream().try_clone()?)));
+            Arc::new(Mutex::new(Some(link.urgent.stream().try_clone()?)));
         let stop =
             Arc::new(EventFd::new().map_err(|e| MigrateError::Internal(format!("eventfd: {e}")))?);
         let main_state = Mutex::new(MainState {
@@ -321,13 +323,13 @@ impl Destination {
                     reader
                         .stream()
                         .set_read_timeout(Some(self.config.link_timeout))?;
-                    reader
-                        .stream()
-                        .set_write_timeout(Some(self.config.link_timeout))?;
                     main = Some(reader)
                 }
                 Channel::Urgent => {
                     reader.stream().set_read_timeout(None)?;
+                    reader
+                        .stream()
+                        .set_write_timeout(Some(self.config.link_timeout))?;
                     urgent = Some(reader)
                 }
             }
@@ -363,7 +365,7 @@ impl Destination {
             out.extend_from_slice(&bytes);
         }
         let mut guard = ret.lock().unwrap_or_else(|p| p.into_inner());
-        let stream = link.main.stream().try_clone()?;
+        let stream = link.urgent.stream().try_clone()?;
         // Requests pending now go out behind the bitmaps; later faults send their own.
         for (r, region) in self.memory.regions().iter().enumerate() {
             let page = region.host_page_size();

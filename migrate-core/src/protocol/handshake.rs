@@ -29,9 +29,9 @@ const REGION_ENTRY_FIXED: usize = 16;
 /// Which connection of a migration this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Channel {
-    /// Bulk page stream and commands; its reverse direction carries the return path.
+    /// Bulk page stream and commands.
     Main = 0,
-    /// Urgent (requested) pages only.
+    /// Urgent (requested) pages; its reverse direction carries the return path.
     Urgent = 1,
 }
 

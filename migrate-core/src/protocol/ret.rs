@@ -1,4 +1,4 @@
-//! Return-path messages (destination → source, on the main connection's reverse direction).
+//! Return-path messages (destination → source, on the urgent connection's reverse direction).
 //!
 //! Same 16-byte header shape as records: `kind u8 | flags u8 | region u16 | len u32 | offset u64`.
 

@@ -78,7 +78,8 @@ pub struct Source {
 struct Link {
     bulk: FrameSender,
     urgent: FrameSender,
-    /// The main connection's reverse direction, positioned after the handshake.
+    /// The urgent connection's reverse direction (the return path), positioned after the
+    /// handshake.
     reader: FrameReader,
     closers: Vec<Stream>,
 }
@@ -159,9 +160,11 @@ impl Source {
             key: cfg.key.as_ref(),
             resume,
         };
-        let reader = source_handshake(&main, &hello(Channel::Main))?;
-        source_handshake(&urgent, &hello(Channel::Urgent))?;
-        main.set_read_timeout(Some(cfg.link_timeout))?;
+        source_handshake(&main, &hello(Channel::Main))?;
+        // The return path is the urgent connection's reverse direction: the main socket's lock
+        // is busy with bulk sends, and a request read from it would wait for them.
+        let reader = source_handshake(&urgent, &hello(Channel::Urgent))?;
+        urgent.set_read_timeout(Some(cfg.link_timeout))?;
         let closers = vec![main.try_clone()?, urgent.try_clone()?];
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = closers
             .iter()
