@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use migrate_core::stats::{Bucket, LatencySummary};
+use migrate_core::stats::{Bucket, CountersSnapshot, LatencySummary};
 use migrate_core::{DestReport, SourceReport};
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +105,25 @@ pub struct Bytes {
     pub urgent: u64,
 }
 
+impl From<&CountersSnapshot> for Pages {
+    fn from(c: &CountersSnapshot) -> Self {
+        Self {
+            bulk: c.pages_bulk,
+            urgent: c.pages_urgent,
+            zero: c.zero_pages,
+        }
+    }
+}
+
+impl From<&CountersSnapshot> for Bytes {
+    fn from(c: &CountersSnapshot) -> Self {
+        Self {
+            bulk: c.bytes_bulk,
+            urgent: c.bytes_urgent,
+        }
+    }
+}
+
 /// One report. `role` says who produced it: `source`, `dest`, `migration` (both sides merged by
 /// the demo) or `floor`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -175,15 +194,8 @@ impl Report {
             verified: r.verified,
             latency_us: None,
             floor_us: None,
-            pages: Pages {
-                bulk: c.pages_bulk,
-                urgent: c.pages_urgent,
-                zero: c.zero_pages,
-            },
-            bytes: Bytes {
-                bulk: c.bytes_bulk,
-                urgent: c.bytes_urgent,
-            },
+            pages: Pages::from(c),
+            bytes: Bytes::from(c),
             requests: c.requests,
             total_ms: r.total_ms,
             downtime_ms: Some(r.downtime_ms),
@@ -212,15 +224,8 @@ impl Report {
             verified: r.verify.as_ref().map(|v| v.ok()),
             latency_us: Some(Latency::from(&r.latency)),
             floor_us: None,
-            pages: Pages {
-                bulk: c.pages_bulk,
-                urgent: c.pages_urgent,
-                zero: c.zero_pages,
-            },
-            bytes: Bytes {
-                bulk: c.bytes_bulk,
-                urgent: c.bytes_urgent,
-            },
+            pages: Pages::from(c),
+            bytes: Bytes::from(c),
             requests: c.requests,
             total_ms: r.total_ms,
             downtime_ms: None,

@@ -89,7 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.precopy.max_passes = passes;
     // Tuning knobs for experiments: EMBED_BACKLOG (bytes queued in the bulk sender),
     // EMBED_SNDBUF (bulk SO_SNDBUF), EMBED_LOWAT (bulk TCP_NOTSENT_LOWAT), EMBED_RECORD (largest
-    // page record), EMBED_SEND (bytes per bulk send), EMBED_RCVBUF (destination main SO_RCVBUF), EMBED_PIN (bulk
+    // page record), EMBED_SEND (bytes per bulk send), EMBED_RCVBUF (destination main SO_RCVBUF), EMBED_ZC (bulk zero copy always), EMBED_PIN (bulk
     // threads on CPU 0, urgent-path threads on CPU 1).
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
     if let Some(v) = env("EMBED_BACKLOG") {
@@ -104,6 +104,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var("EMBED_PIN").is_ok() {
         cfg.bulk_cpus = vec![0];
         cfg.urgent_cpus = vec![1];
+    }
+    if std::env::var("EMBED_ZC").is_ok() {
+        cfg.bulk.zero_copy = uring_net::ZeroCopy::Always;
     }
     if std::env::var("EMBED_NOPACE").is_ok() {
         cfg.adaptive_pacing = None;

@@ -98,8 +98,7 @@ pub struct SourceConfig {
     pub urgent_socket: SocketOptions,
     /// Largest page record the scanner builds (bytes, a multiple of the host page size).
     pub max_record_bytes: usize,
-    /// The scanner waits while more than this many bytes are queued in its bulk sender (at
-    /// least one send, `bulk.max_send_bytes`).
+    /// The scanner waits while more than this many bytes are queued in its bulk sender.
     pub bulk_backlog: usize,
     /// After serving a requested page, continue the background scan right after it.
     pub page_hint: bool,

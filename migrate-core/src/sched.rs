@@ -41,15 +41,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boost_never_fails() {
-        let b = std::thread::spawn(|| boost_current_thread(10))
-            .join()
-            .unwrap();
-        // As root this is real time; elsewhere a fallback, but always an answer.
-        assert!(matches!(
-            b,
-            Boost::Realtime(10) | Boost::Nice(-10) | Boost::None
-        ));
+    fn boost_applies_real_time_when_permitted() {
+        let (boost, policy) = std::thread::spawn(|| {
+            let b = boost_current_thread(10);
+            // SAFETY: sched_getscheduler(0) only reads the calling thread's policy.
+            (b, unsafe { libc::sched_getscheduler(0) })
+        })
+        .join()
+        .unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(boost, Boost::Realtime(10));
+            assert_eq!(policy, libc::SCHED_FIFO);
+        } else {
+            assert_ne!(boost, Boost::Realtime(10));
+            assert_ne!(policy, libc::SCHED_FIFO);
+        }
+    }
+
+    #[test]
+    fn pinning_keeps_a_thread_on_its_cpu() {
+        let cpus = std::thread::spawn(|| {
+            assert!(pin_current_thread(&[0]));
+            // SAFETY: sched_getcpu has no preconditions.
+            (0..100)
+                .map(|_| unsafe { libc::sched_getcpu() })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+        assert!(cpus.iter().all(|&c| c == 0), "{cpus:?}");
+        assert!(!pin_current_thread(&[]), "an empty set is refused");
     }
 }
 

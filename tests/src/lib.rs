@@ -48,6 +48,36 @@ impl Case {
     }
 }
 
+impl Case {
+    /// The source settings of this case (mode and precopy limits; defaults otherwise).
+    pub fn source_config(&self) -> SourceConfig {
+        let mut cfg = SourceConfig {
+            mode: self.mode,
+            ..SourceConfig::default()
+        };
+        cfg.precopy.max_passes = self.passes;
+        cfg.precopy.max_time = self.precopy_limit;
+        cfg
+    }
+}
+
+/// Runs `source` to `ep` with the real dirty log, while the case's source guest dirties
+/// `src_mem` until the switchover pauses it.
+pub fn migrate_source(
+    source: &Source,
+    case: &Case,
+    src_mem: Arc<GuestMemory>,
+    ep: &Endpoint,
+) -> Result<SourceReport, migrate_core::MigrateError> {
+    let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
+    let mut workload = SourceWorkload::start(src_mem, case.vcpus, case.access, case.dirty_rate);
+    let mut pause = || {
+        workload.pause();
+        Ok(())
+    };
+    source.migrate(ep, &mut dirty, &mut pause)
+}
+
 pub struct Outcome {
     pub source: SourceReport,
     pub dest: DestReport,
@@ -122,20 +152,8 @@ pub fn run(case: &Case) -> Outcome {
         .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
     let dest = spawn_dest(dest, listener, dst_mem.clone(), log.clone(), case);
 
-    let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
-    let mut workload =
-        SourceWorkload::start(src_mem.clone(), case.vcpus, case.access, case.dirty_rate);
-    let mut pause = || {
-        workload.pause();
-        Ok(())
-    };
-    let mut cfg = SourceConfig {
-        mode: case.mode,
-        ..SourceConfig::default()
-    };
-    cfg.precopy.max_passes = case.passes;
-    cfg.precopy.max_time = case.precopy_limit;
-    let source = Source::new(src_mem.clone(), cfg).migrate(&ep, &mut dirty, &mut pause);
+    let source = Source::new(src_mem.clone(), case.source_config());
+    let source = migrate_source(&source, case, src_mem.clone(), &ep);
     let dest = dest.join().expect("destination thread");
     let source = source.expect("source migration");
     let dest = dest.expect("destination migration");

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use migrate_core::dirty::UffdWpDirtyLog;
 use migrate_core::source::SourcePhase;
 use migrate_core::verify::PreWriteDigests;
-use migrate_core::workload::{fill_initial, Access, PreWriteLog, SourceWorkload};
+use migrate_core::workload::{fill_initial, Access, PreWriteLog};
 use migrate_core::{DestConfig, Destination, Mode, ReconnectPolicy, Source, SourceConfig};
-use migrate_tests::{assert_identical, loopback_listener, memory, spawn_dest, Case, Outcome};
+use migrate_tests::{
+    assert_identical, loopback_listener, memory, migrate_source, spawn_dest, Case, Outcome,
+};
 
 /// Runs `case` while a chaos thread cuts the connection `breaks` times during postcopy.
 fn run_with_breaks(case: &Case, breaks: usize, seed: u64) -> Outcome {
@@ -33,12 +35,7 @@ fn run_with_breaks(case: &Case, breaks: usize, seed: u64) -> Outcome {
     let dest_watch = dest.watch();
     let dest_thread = spawn_dest(dest, listener, dst_mem.clone(), log.clone(), case);
 
-    let mut cfg = SourceConfig {
-        mode: case.mode,
-        ..SourceConfig::default()
-    };
-    cfg.precopy.max_passes = case.passes;
-    cfg.precopy.max_time = case.precopy_limit;
+    let mut cfg = case.source_config();
     // Keep the background stream slow enough that postcopy lasts long enough to be cut.
     cfg.bulk_backlog = 64 << 10;
     cfg.reconnect = ReconnectPolicy {
@@ -49,13 +46,6 @@ fn run_with_breaks(case: &Case, breaks: usize, seed: u64) -> Outcome {
     let source = Source::new(src_mem.clone(), cfg);
     let progress = source.progress();
     let stop = AtomicBool::new(false);
-    let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
-    let mut workload =
-        SourceWorkload::start(src_mem.clone(), case.vcpus, case.access, case.dirty_rate);
-    let mut pause = || {
-        workload.pause();
-        Ok(())
-    };
     let (result, cuts) = std::thread::scope(|s| {
         let chaos = s.spawn(|| {
             let mut x = seed | 1;
@@ -72,7 +62,7 @@ fn run_with_breaks(case: &Case, breaks: usize, seed: u64) -> Outcome {
             }
             cuts
         });
-        let r = source.migrate(&ep, &mut dirty, &mut pause);
+        let r = migrate_source(&source, case, src_mem.clone(), &ep);
         stop.store(true, Release);
         (r, chaos.join().unwrap())
     });

@@ -5,13 +5,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use migrate_core::dirty::UffdWpDirtyLog;
 use migrate_core::verify::PreWriteDigests;
-use migrate_core::workload::{fill_initial, Access, PreWriteLog, SourceWorkload};
+use migrate_core::workload::{fill_initial, Access, PreWriteLog};
 use migrate_core::{
     DestConfig, DestReport, Destination, GuestMemory, Mode, Source, SourceConfig, SourceReport,
 };
-use migrate_tests::{loopback_listener, memory, Case};
+use migrate_tests::{loopback_listener, memory, migrate_source, Case};
 
 /// Region and byte offset of the corrupted page, as the verifier names it.
 type Corrupted = Arc<Mutex<Option<(String, usize)>>>;
@@ -75,21 +74,11 @@ fn migrate(corrupt: bool) -> (SourceReport, DestReport, Option<(String, usize)>)
         })
     };
 
-    let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
-    let mut workload =
-        SourceWorkload::start(src_mem.clone(), case.vcpus, case.access, case.dirty_rate);
-    let mut pause = || {
-        workload.pause();
-        Ok(())
-    };
-    let mut cfg = SourceConfig {
-        mode: case.mode,
+    let cfg = SourceConfig {
         urgent_priority: None,
-        ..SourceConfig::default()
+        ..case.source_config()
     };
-    cfg.precopy.max_passes = case.passes;
-    cfg.precopy.max_time = case.precopy_limit;
-    let source = Source::new(src_mem, cfg).migrate(&ep, &mut dirty, &mut pause);
+    let source = migrate_source(&Source::new(src_mem.clone(), cfg), &case, src_mem, &ep);
     let dest = dest.join().expect("destination thread");
     let source = source.expect("source migration");
     let dest = dest.expect("destination migration");

@@ -554,6 +554,12 @@ impl FrameSender {
         Arc::clone(&self.stats)
     }
 
+    /// Bytes of this connection's stream the kernel has accepted so far (a cheap read of
+    /// [`SendStats::bytes`] without cloning the `Arc`).
+    pub fn accepted_bytes(&self) -> u64 {
+        SendStats::load(&self.stats.bytes)
+    }
+
     /// A handle that makes `wait()` return from another thread.
     pub fn waker(&self) -> Waker {
         Waker {

@@ -62,8 +62,10 @@ impl FaultThread {
                     // populated: fill it with zeroes here (EEXIST-safe) and wake the vCPU.
                     if uffd.zeropage(page_addr, page, page, true)? > 0 {
                         shared.counters.local_zero_faults.fetch_add(1, Relaxed);
+                    } else {
+                        // Already present: the placement's own wake may have missed us.
+                        uffd.wake(page_addr, page)?;
                     }
-                    uffd.wake(page_addr, page)?;
                     continue;
                 }
                 if shared.pending[r][hp]

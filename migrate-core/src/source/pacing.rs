@@ -31,9 +31,12 @@ pub(crate) struct Pacer {
     /// Unpaced bulk rate, bytes/s (EWMA).
     rate: AtomicU64,
     paced: AtomicBool,
-    window: Mutex<(Instant, u64)>,
-    /// When the current cap was set.
-    paced_since: Mutex<Instant>,
+    /// When the current cap was set (ns since `epoch`).
+    paced_since_ns: AtomicU64,
+    /// The current measurement window: start (ns since `epoch`) and accepted bytes then.
+    /// Only the scanner moves it.
+    window_start_ns: AtomicU64,
+    window_bytes: AtomicU64,
 }
 
 impl Pacer {
@@ -45,16 +48,26 @@ impl Pacer {
             last_request_ns: AtomicU64::new(0),
             rate: AtomicU64::new(0),
             paced: AtomicBool::new(false),
-            window: Mutex::new((Instant::now(), 0)),
-            paced_since: Mutex::new(Instant::now()),
+            paced_since_ns: AtomicU64::new(0),
+            window_start_ns: AtomicU64::new(0),
+            window_bytes: AtomicU64::new(0),
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn restart_window(&self, accepted: u64) {
+        self.window_start_ns.store(self.now_ns(), Relaxed);
+        self.window_bytes.store(accepted, Relaxed);
     }
 
     /// A new bulk connection (or none: pacing off).
     pub fn attach(&self, bulk: Option<Stream>) {
         *self.bulk.lock().unwrap_or_else(|p| p.into_inner()) = bulk;
         self.paced.store(false, Release);
-        *self.window.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), 0);
+        self.restart_window(0);
     }
 
     fn set(&self, rate: Option<u64>) {
@@ -67,25 +80,26 @@ impl Pacer {
 
     /// Called by whoever serves a request on the urgent channel.
     pub fn on_request(&self) {
-        self.last_request_ns
-            .store(self.epoch.elapsed().as_nanos() as u64, Release);
+        let now = self.now_ns();
+        self.last_request_ns.store(now, Release);
         let rate = self.rate.load(Acquire);
         if rate > 0 && !self.paced.swap(true, AcqRel) {
-            *self.paced_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            self.paced_since_ns.store(now, Release);
             self.set(Some((rate as f64 * self.headroom) as u64));
         }
     }
 
-    /// Called by the scanner with its bulk sender's accepted-bytes counter, often.
+    /// Called by the scanner with its bulk sender's accepted-bytes counter, after every
+    /// record: lock-free unless a window ends or the cap changes.
     pub fn tick(&self, accepted: u64) {
         let paced = self.paced.load(Acquire);
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let elapsed = w.0.elapsed();
-        if elapsed >= WINDOW {
+        let now = self.now_ns();
+        let elapsed = now.saturating_sub(self.window_start_ns.load(Relaxed));
+        if elapsed >= WINDOW.as_nanos() as u64 {
             // Only unpaced, busy windows measure what the path can carry.
-            let bytes = accepted.saturating_sub(w.1);
+            let bytes = accepted.saturating_sub(self.window_bytes.load(Relaxed));
             if !paced && bytes >= MIN_WINDOW_BYTES {
-                let now_rate = (bytes as f64 / elapsed.as_secs_f64()) as u64;
+                let now_rate = (bytes as f64 * 1e9 / elapsed as f64) as u64;
                 let old = self.rate.load(Relaxed);
                 let ewma = if old == 0 {
                     now_rate
@@ -94,24 +108,49 @@ impl Pacer {
                 };
                 self.rate.store(ewma, Release);
             }
-            *w = (Instant::now(), accepted);
+            self.restart_window(accepted);
         }
-        drop(w);
         if !paced {
             return;
         }
-        let now = self.epoch.elapsed().as_nanos() as u64;
         let idle = now.saturating_sub(self.last_request_ns.load(Acquire)) > HOLD.as_nanos() as u64;
-        let probe = self
-            .paced_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            > PROBE_EVERY;
+        let probe =
+            now.saturating_sub(self.paced_since_ns.load(Acquire)) > PROBE_EVERY.as_nanos() as u64;
         if (idle || probe) && self.paced.swap(false, AcqRel) {
             // Lifted: the next window measures the path again; the next request re-caps.
-            *self.window.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), accepted);
+            self.restart_window(accepted);
             self.set(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_while_requests_flow_and_lifts_when_they_stop() {
+        let p = Pacer::new(0.9);
+        p.attach(None);
+        // No measurement yet: a request cannot cap anything.
+        p.on_request();
+        assert!(!p.paced.load(Acquire));
+        // A busy unpaced window measures the rate.
+        std::thread::sleep(WINDOW + Duration::from_millis(2));
+        p.tick(64 << 20);
+        let rate = p.rate.load(Acquire);
+        assert!(rate > 0, "rate measured");
+        // A small window does not count.
+        std::thread::sleep(WINDOW + Duration::from_millis(2));
+        p.tick((64 << 20) + 10);
+        assert_eq!(p.rate.load(Acquire), rate);
+        // Requests cap; no requests for HOLD lifts the cap.
+        p.on_request();
+        assert!(p.paced.load(Acquire));
+        p.tick(64 << 20);
+        assert!(p.paced.load(Acquire), "requests are recent");
+        std::thread::sleep(HOLD + Duration::from_millis(5));
+        p.tick(64 << 20);
+        assert!(!p.paced.load(Acquire), "idle: cap lifted");
     }
 }

@@ -84,20 +84,13 @@ impl Scanner {
         let mut last_backlog = usize::MAX;
         loop {
             self.heartbeat()?;
-            self.pacer.tick(self.bulk.stats().bytes.load(Relaxed));
+            self.pacer.tick(self.bulk.accepted_bytes());
             self.serve_requests()?;
             if let Some(u) = self.urgent.as_mut() {
                 u.poll()?;
             }
             self.bulk.poll()?;
-            // A queue shorter than one send starved the sender between sends while it used
-            // zero-copy sends (measured: 50 ms stalls per record; not seen since Auto zero copy
-            // gives up on copying paths), so the limit is at least one send.
-            let limit = self
-                .config
-                .bulk_backlog
-                .max(self.config.bulk.max_send_bytes);
-            if self.bulk.backlog_bytes() <= limit {
+            if self.bulk.backlog_bytes() <= self.config.bulk_backlog {
                 return Ok(());
             }
             if self.bulk.backlog_bytes() < last_backlog {
@@ -128,7 +121,7 @@ impl Scanner {
             return Ok(());
         }
         let counters = &self.progress.counters;
-        let accepted = self.bulk.stats().bytes.load(Relaxed);
+        let accepted = self.bulk.accepted_bytes();
         for &(r, first, n) in &reqs {
             let region = &self.memory.regions()[r as usize];
             let bits = &self.claims.to_send[r as usize];
