@@ -334,6 +334,7 @@ impl fmt::Debug for FrameSender {
             .field("flags", &self.flags)
             .field("inflight", &self.inflight.len())
             .field("queued_bytes", &self.queued_bytes)
+            .field("expected_cqes", &self.expected_cqes)
             .field("failed", &self.failed)
             .finish_non_exhaustive()
     }

@@ -102,9 +102,14 @@ impl Scanner {
                     self.config.link_timeout
                 )));
             }
-            // Everything queued must be on its way before we sleep on its completion.
+            // Everything queued must be on its way before we sleep on its completion; a send
+            // that completed inline during the flush leaves nothing to wait for (waiting
+            // anyway slept the full timeout once per record when the limit was below one
+            // record: 50 ms stalls).
             self.bulk.flush()?;
-            self.bulk.wait(Some(Duration::from_millis(50)))?;
+            if self.bulk.backlog_bytes() > self.config.bulk_backlog {
+                self.bulk.wait(Some(Duration::from_millis(50)))?;
+            }
             self.check_failed()?;
         }
     }
