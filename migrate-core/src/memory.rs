@@ -597,6 +597,22 @@ impl GuestRegion {
         )
     }
 
+    /// Allocate the pages of `[offset, offset+len)` for writing in one syscall
+    /// (`MADV_POPULATE_WRITE`; host-page aligned), instead of one page fault per page when they
+    /// are first written. Existing contents are kept.
+    pub fn populate_write(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        self.check_aligned(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        madvise(
+            self.base + offset,
+            len,
+            libc::MADV_POPULATE_WRITE,
+            "madvise(MADV_POPULATE_WRITE)",
+        )
+    }
+
     /// Whether the host page containing `offset` is present in memory (`mincore`).
     pub fn is_populated(&self, offset: usize) -> Result<bool, MemoryError> {
         self.check(offset, 1)?;
@@ -860,6 +876,23 @@ pub(crate) mod tests {
         assert!(!r.is_populated(2 * PAGE_SIZE).unwrap());
         assert!(r.is_zero(0, r.len()));
         assert!(r.is_populated(r.len()).is_err());
+    }
+
+    #[test]
+    fn populate_write_allocates_exactly_the_range_and_keeps_data() {
+        let r = region(Backing::Anonymous, 8 * PAGE_SIZE);
+        r.write_from(PAGE_SIZE, &[7u8; 16]).unwrap();
+        r.populate_write(PAGE_SIZE, 3 * PAGE_SIZE).unwrap();
+        assert!(!r.is_populated(0).unwrap());
+        for p in 1..4 {
+            assert!(r.is_populated(p * PAGE_SIZE).unwrap(), "page {p}");
+        }
+        assert!(!r.is_populated(4 * PAGE_SIZE).unwrap());
+        let mut got = [0u8; 16];
+        r.read_into(PAGE_SIZE, &mut got).unwrap();
+        assert_eq!(got, [7u8; 16]);
+        assert!(r.populate_write(PAGE_SIZE + 1, PAGE_SIZE).is_err());
+        assert!(r.populate_write(7 * PAGE_SIZE, 2 * PAGE_SIZE).is_err());
     }
 
     #[test]
