@@ -60,6 +60,29 @@ mod tests {
     }
 
     #[test]
+    fn enter_urgent_boosts_even_with_logging_off() {
+        // No tracing subscriber is installed in unit tests, so debug events are disabled: the
+        // boost must not live inside one (it once did, and never ran outside debug logging).
+        let placement = Placement {
+            urgent_priority: Some(10),
+            ..Placement::default()
+        };
+        let policy = std::thread::spawn(move || {
+            placement.enter_urgent("test");
+            // SAFETY: sched_getscheduler(0) only reads the calling thread's policy.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(policy, libc::SCHED_FIFO);
+        } else {
+            assert_ne!(policy, libc::SCHED_FIFO);
+        }
+    }
+
+    #[test]
     fn pinning_keeps_a_thread_on_its_cpu() {
         let cpus = std::thread::spawn(|| {
             assert!(pin_current_thread(&[0]));
@@ -112,7 +135,9 @@ impl Placement {
             tracing::warn!(cpus = ?self.urgent_cpus, what, "could not pin thread");
         }
         if let Some(p) = self.urgent_priority {
-            tracing::debug!(boost = ?boost_current_thread(p), what, "urgent-path thread");
+            // Boost first, log second: tracing does not evaluate a disabled event's fields.
+            let boost = boost_current_thread(p);
+            tracing::debug!(?boost, what, "urgent-path thread");
         }
     }
 
