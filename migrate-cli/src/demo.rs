@@ -16,7 +16,7 @@ use migrate_core::workload::Access;
 use migrate_core::Mode;
 
 use crate::floor::{self, BulkMode, FloorConfig, FloorOutcome};
-use crate::migrate::{GuestArgs, SourceTuning};
+use crate::migrate::{CpuPlacement, GuestArgs, SourceTuning};
 use crate::report::{FloorRef, Report};
 use crate::size::Size;
 use crate::stream::{self, StreamOutcome};
@@ -87,6 +87,9 @@ pub struct DemoArgs {
     pub no_seq_assist: bool,
     #[command(flatten)]
     pub tuning: SourceTuning,
+    /// Thread placement, applied to both sides.
+    #[command(flatten)]
+    pub placement: CpuPlacement,
     /// SO_RCVBUF of the destination's main (bulk) connection.
     #[arg(long, value_name = "SIZE")]
     pub rcvbuf: Option<Size>,
@@ -246,6 +249,7 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
                 .flat_map(|r| ["--rcvbuf".to_string(), r.0.to_string()]),
         )
         .args(["--timeout-secs", &args.timeout_secs.to_string()])
+        .args(args.placement.to_flags())
         .arg("--key-file")
         .arg(&key_file)
         .args(["--json", "--progress", "never"])
@@ -277,6 +281,7 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
         .args(["--chaos-breaks", &args.chaos_breaks.to_string()])
         .args(args.no_seq_assist.then_some("--no-seq-assist"))
         .args(args.tuning.to_flags())
+        .args(args.placement.to_flags())
         .args(["--json", "--progress"])
         .arg(if show_progress { "always" } else { "never" })
         .stdin(Stdio::null())

@@ -101,6 +101,130 @@ impl GuestArgs {
     }
 }
 
+/// Where one side's migration threads run. Unset: the engine's defaults (anywhere; urgent-path
+/// threads `SCHED_FIFO` 10).
+#[derive(Args, Clone, Debug, Default)]
+pub struct CpuPlacement {
+    /// CPUs for the urgent-path threads (e.g. `1` or `2-3,6`).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub urgent_cpus: Option<CpuList>,
+    /// CPUs for the bulk threads (source scanner, destination bulk receiver).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub bulk_cpus: Option<CpuList>,
+    /// Leave the urgent-path threads at normal priority (no `SCHED_FIFO`).
+    #[arg(long)]
+    pub no_realtime: bool,
+}
+
+/// A list of CPU numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// Parses `0`, `0,2`, `1-3`, `0-1,4`.
+fn parse_cpu_list(s: &str) -> std::result::Result<CpuList, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{t}` is not a CPU number (expected e.g. 0,2-3)"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b || b - a > 4096 {
+                    return Err(format!("bad CPU range `{part}`"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    if let Some(&c) = out.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
+        return Err(format!("CPU {c} is beyond what the kernel interface takes"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(CpuList(out))
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pid 0 is the calling thread.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE, inside the set.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+impl CpuPlacement {
+    /// Applies the placement to one side's configuration fields, refusing CPUs this process
+    /// cannot run on.
+    fn apply(
+        &self,
+        urgent: &mut Vec<usize>,
+        bulk: &mut Vec<usize>,
+        prio: &mut Option<i32>,
+    ) -> Result<()> {
+        let allowed = allowed_cpus();
+        for (flag, list, field) in [
+            ("--urgent-cpus", &self.urgent_cpus, urgent),
+            ("--bulk-cpus", &self.bulk_cpus, bulk),
+        ] {
+            let Some(c) = list else { continue };
+            if let Some(bad) = c.0.iter().find(|c| !allowed.contains(c)) {
+                bail!("{flag}: CPU {bad} is not available here (this process may use {allowed:?})");
+            }
+            field.clone_from(&c.0);
+        }
+        if self.no_realtime {
+            *prio = None;
+        }
+        Ok(())
+    }
+
+    pub fn apply_source(&self, c: &mut SourceConfig) -> Result<()> {
+        self.apply(&mut c.urgent_cpus, &mut c.bulk_cpus, &mut c.urgent_priority)
+    }
+
+    pub fn apply_dest(&self, c: &mut DestConfig) -> Result<()> {
+        self.apply(&mut c.urgent_cpus, &mut c.bulk_cpus, &mut c.urgent_priority)
+    }
+
+    /// The effective settings, for the report.
+    pub fn settings(urgent: &[usize], bulk: &[usize], prio: Option<i32>) -> serde_json::Value {
+        json!({ "urgent_cpus": urgent, "bulk_cpus": bulk, "urgent_priority": prio })
+    }
+
+    /// The same flags (for child processes).
+    pub fn to_flags(&self) -> Vec<String> {
+        let list = |c: &CpuList| {
+            c.0.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut v = Vec::new();
+        if let Some(c) = &self.urgent_cpus {
+            v.extend(["--urgent-cpus".to_string(), list(c)]);
+        }
+        if let Some(c) = &self.bulk_cpus {
+            v.extend(["--bulk-cpus".to_string(), list(c)]);
+        }
+        if self.no_realtime {
+            v.push("--no-realtime".into());
+        }
+        v
+    }
+}
+
 /// Source tuning knobs (bulk queue, records, socket, pacing). Unset: the engine's defaults.
 #[derive(Args, Clone, Debug, Default)]
 pub struct SourceTuning {
@@ -249,6 +373,8 @@ pub struct DestArgs {
     /// SO_RCVBUF of the main (bulk) connection (default: the engine's, 256 KiB).
     #[arg(long, value_name = "SIZE")]
     pub rcvbuf: Option<Size>,
+    #[command(flatten)]
+    pub placement: CpuPlacement,
     /// Print one JSON document on stdout instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -311,6 +437,8 @@ pub struct SourceArgs {
     pub no_seq_assist: bool,
     #[command(flatten)]
     pub tuning: SourceTuning,
+    #[command(flatten)]
+    pub placement: CpuPlacement,
     #[arg(long)]
     pub json: bool,
     #[arg(long, value_enum, default_value = "auto")]
@@ -416,6 +544,12 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
     if let Some(r) = args.rcvbuf {
         config.main_socket.recv_buffer = Some(r.0);
     }
+    args.placement.apply_dest(&mut config)?;
+    let placement = CpuPlacement::settings(
+        &config.urgent_cpus,
+        &config.bulk_cpus,
+        config.urgent_priority,
+    );
     let rcvbuf = config.main_socket.recv_buffer;
     let dest = Destination::new(mem.clone(), config)
         .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
@@ -461,6 +595,7 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
     settings["link_timeout_secs"] = json!(args.link_timeout_secs);
     settings["resume_timeout_secs"] = json!(args.resume_timeout_secs);
     settings["rcvbuf"] = json!(rcvbuf);
+    settings["dest_placement"] = placement;
     let mut r = Report::from_dest(&report, None, settings);
     r.dest_cpu_ms = cpu0.zip(cpu1).map(|(a, b)| b - a);
     Ok(r)
@@ -514,6 +649,12 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         ..SourceConfig::default()
     };
     args.tuning.apply(&mut config)?;
+    args.placement.apply_source(&mut config)?;
+    let placement = CpuPlacement::settings(
+        &config.urgent_cpus,
+        &config.bulk_cpus,
+        config.urgent_priority,
+    );
     let mut tuning = json!({});
     SourceTuning::settings(&config, &mut tuning);
     let source = Source::new(mem.clone(), config);
@@ -552,6 +693,7 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     settings["link_timeout_secs"] = json!(args.link_timeout_secs);
     settings["heartbeat_ms"] = json!(args.heartbeat_ms);
     settings["seq_assist"] = json!(!args.no_seq_assist);
+    settings["source_placement"] = placement;
     if args.chaos_breaks > 0 {
         settings["chaos_breaks"] = json!(breaks);
     }
@@ -663,5 +805,51 @@ impl DestBar {
                 bar.set_message(format!("{left} left, {} requests", s.counters.requests));
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_cpu_list("1").unwrap().0, vec![1]);
+        assert_eq!(parse_cpu_list("3,0-1, 1").unwrap().0, vec![0, 1, 3]);
+        for bad in ["", "x", "2-1", "1-", "-1", "0,,1", "99999", "0-99999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn placement_flags_round_trip() {
+        let p = CpuPlacement {
+            urgent_cpus: Some(CpuList(vec![1])),
+            bulk_cpus: Some(CpuList(vec![0, 2])),
+            no_realtime: true,
+        };
+        assert_eq!(
+            p.to_flags(),
+            ["--urgent-cpus", "1", "--bulk-cpus", "0,2", "--no-realtime"]
+        );
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        let p = CpuPlacement {
+            urgent_cpus: Some(CpuList(vec![cpus[0]])),
+            bulk_cpus: Some(CpuList(cpus.clone())),
+            no_realtime: true,
+        };
+        let mut c = SourceConfig::default();
+        p.apply_source(&mut c).unwrap();
+        assert_eq!(
+            (c.urgent_cpus, c.bulk_cpus, c.urgent_priority),
+            (vec![cpus[0]], cpus, None)
+        );
+        let off = CpuPlacement {
+            bulk_cpus: Some(CpuList(vec![libc::CPU_SETSIZE as usize - 1])),
+            ..CpuPlacement::default()
+        };
+        let err = off.apply_dest(&mut DestConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("not available"), "{err}");
     }
 }

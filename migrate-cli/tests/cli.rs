@@ -328,6 +328,37 @@ fn bad_size_is_rejected() {
 }
 
 #[test]
+fn placement_flags_reach_both_sides_and_bad_cpus_are_refused() {
+    let o = run(&[
+        "demo",
+        "--json",
+        "--mem",
+        "16M",
+        "--urgent-cpus",
+        "0",
+        "--bulk-cpus",
+        "0",
+        "--no-realtime",
+    ]);
+    let s = &json(&o)["settings"];
+    for side in ["source_placement", "dest_placement"] {
+        assert_eq!(s[side]["urgent_cpus"], serde_json::json!([0]), "{s}");
+        assert_eq!(s[side]["bulk_cpus"], serde_json::json!([0]), "{s}");
+        assert_eq!(s[side]["urgent_priority"], Value::Null, "{s}");
+    }
+    let o = run(&["demo", "--mem", "16M", "--urgent-cpus", "1000"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("CPU 1000 is not available"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["demo", "--mem", "16M", "--bulk-cpus", "3-1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad CPU range"), "{}", stderr(&o));
+}
+
+#[test]
 fn bad_mode_is_rejected() {
     let o = run(&["demo", "--mode", "warp"]);
     assert!(!o.status.success());
