@@ -12,7 +12,8 @@
 #   source only:      --mode --dirty-rate --precopy-secs --postcopy-after-passes --no-verify
 #                     --connect-timeout-secs --no-seq-assist --bulk-backlog --max-record
 #                     --bulk-send --notsent-lowat --sndbuf --pacing-headroom --no-pacing
-#   both:             everything else (--mem --page-size --vcpus --access --json --timeout-secs ...)
+#   both:             everything else (--mem --page-size --vcpus --access --json --timeout-secs
+#                     --urgent-cpus --bulk-cpus --no-realtime ...)
 # Example:
 #   scripts/two-hosts.sh --rate 10gbit --mem 1G --mode preempt-full --postcopy-after-passes 0
 set -euo pipefail
@@ -34,7 +35,7 @@ takes_value() {
     --mem|--page-size|--vcpus|--access|--timeout-secs|--progress|--think-us|--touches|\
     --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--connect-timeout-secs|\
     --bulk-backlog|--max-record|--bulk-send|--notsent-lowat|--sndbuf|--pacing-headroom|\
-    --rcvbuf) return 0 ;;
+    --rcvbuf|--urgent-cpus|--bulk-cpus) return 0 ;;
     *) return 1 ;;
   esac
 }
@@ -50,7 +51,7 @@ while [[ $# -gt 0 ]]; do
     --port=*) port="${arg#*=}"; shift; continue ;;
     --bin) bin="${2:?--bin needs a path}"; shift 2; continue ;;
     --bin=*) bin="${arg#*=}"; shift; continue ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
   esac
   name="${arg%%=*}"
   group=()

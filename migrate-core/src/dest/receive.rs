@@ -21,7 +21,9 @@ pub(crate) fn place_record(
     let reg = shared.memory.regions()[region as usize].clone();
     let buf = staging.get(len as usize, reg.backing())?;
     reader.read_exact(buf)?;
-    shared.place(&reg, offset as usize, buf, lane)
+    shared.place(&reg, offset as usize, buf, lane)?;
+    staging.restock(reg.backing());
+    Ok(())
 }
 
 /// The urgent receiver: only page and zero records, only once userfaultfd is armed. Runs until
