@@ -51,8 +51,12 @@ enum Command {
 #[derive(Args, Debug)]
 struct StreamArgs {
     /// How long to stream (seconds).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, conflicts_with = "fresh")]
     secs: f64,
+    /// Instead: stream exactly this much page data into fresh memory (the reader allocates
+    /// every page as it reads, as a migration destination does), e.g. 1G.
+    #[arg(long, value_name = "SIZE")]
+    fresh: Option<size::Size>,
     #[arg(long)]
     json: bool,
 }
@@ -115,7 +119,10 @@ fn run(cli: Cli) -> Result<Output> {
             single(floor::run(&cfg)?.report(), a.json)
         }
         Command::Stream(a) => {
-            let out = stream::run(a.secs)?;
+            let out = match a.fresh {
+                Some(s) => stream::run_fresh(s.0 as u64)?,
+                None => stream::run(a.secs)?,
+            };
             Ok(Output {
                 human: out.render(),
                 json: serde_json::to_value(&out).context("serialising the result")?,

@@ -35,8 +35,13 @@ impl StreamOutcome {
         let cpu = self
             .sender_cpu_us_per_page
             .map_or("-".to_string(), |c| format!("{c:.3} us"));
+        let into = if self.mode == "stream-fresh" {
+            ", into fresh memory"
+        } else {
+            ""
+        };
         format!(
-            "== stream baseline (writev 64 x (16 B + 4 KiB), loopback TCP) ==\n\
+            "== stream baseline (writev 64 x (16 B + 4 KiB), loopback TCP{into}) ==\n\
              {:.2} GB/s ({:.2} GB/s of pages), {} pages in {:.2} s, {} writev calls, \
              sender CPU per page {cpu}\n",
             self.gbytes_per_sec, self.page_gbytes_per_sec, self.pages, self.secs, self.writev_calls
@@ -60,15 +65,76 @@ pub fn run(secs: f64) -> Result<StreamOutcome> {
     if !(secs.is_finite() && secs > 0.0) {
         bail!("--secs must be a positive number of seconds");
     }
+    stream(Limit::Secs(secs))
+}
+
+/// The baseline that allocates like a migration destination: exactly `page_bytes` of pages
+/// (with their headers) are streamed, and the reader reads them into fresh anonymous memory,
+/// so every page costs the receiver a page fault and a zeroed page, as precopy does.
+pub fn run_fresh(page_bytes: u64) -> Result<StreamOutcome> {
+    let batches = page_bytes / (BATCH * PAGE) as u64;
+    if batches == 0 {
+        bail!("--fresh must be at least {} KiB", BATCH * PAGE / 1024);
+    }
+    stream(Limit::FreshBatches(batches))
+}
+
+/// When the writer stops, and where the reader puts the bytes.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// Stream for this many seconds into one reused buffer.
+    Secs(f64),
+    /// Stream exactly this many batches into fresh memory.
+    FreshBatches(u64),
+}
+
+fn stream(limit: Limit) -> Result<StreamOutcome> {
+    let batch_bytes = BATCH * (HEADER + PAGE);
+    let fresh_len = match limit {
+        Limit::FreshBatches(b) => Some(
+            usize::try_from(b)
+                .ok()
+                .and_then(|b| b.checked_mul(batch_bytes))
+                .context("--fresh is too large")?,
+        ),
+        Limit::Secs(_) => None,
+    };
+    // Allocated (but not touched) before the clock starts.
+    let fresh = fresh_len
+        .map(|len| {
+            migrate_core::memory::Mapping::new(
+                "stream-fresh",
+                len,
+                migrate_core::memory::Backing::Anonymous,
+            )
+        })
+        .transpose()
+        .context("mapping the fresh receive memory")?;
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
     let addr = listener.local_addr()?;
-    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+    let fresh_ptr = fresh.as_ref().map(|m| (m.as_ptr() as usize, m.len()));
+    let reader = std::thread::spawn(move || -> std::io::Result<(u64, Instant)> {
         let (mut conn, _) = listener.accept()?;
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            match conn.read(&mut buf) {
-                Ok(0) => return Ok(total),
+            let r = match fresh_ptr {
+                // SAFETY: the mapping outlives this thread (joined below before it is
+                // dropped) and nothing else touches it; reads stay inside `len`.
+                Some((base, len)) if (total as usize) < len => unsafe {
+                    let at = total as usize;
+                    let n = (len - at).min(1 << 20);
+                    let r = libc::read(conn.as_raw_fd(), (base + at) as *mut libc::c_void, n);
+                    if r < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(r as usize)
+                    }
+                },
+                _ => conn.read(&mut buf),
+            };
+            match r {
+                Ok(0) => return Ok((total, Instant::now())),
                 Ok(n) => total += n as u64,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -91,13 +157,16 @@ pub fn run(secs: f64) -> Result<StreamOutcome> {
             iov_len: PAGE,
         });
     }
-    let batch_bytes = BATCH * (HEADER + PAGE);
-    let deadline = Duration::from_secs_f64(secs);
+    let more = |start: Instant, batches: u64| match limit {
+        Limit::Secs(s) => start.elapsed() < Duration::from_secs_f64(s),
+        Limit::FreshBatches(n) => batches < n,
+    };
     let cpu0 = thread_cpu_secs();
     let start = Instant::now();
     let mut bytes = 0u64;
+    let mut batches = 0u64;
     let mut calls = 0u64;
-    while start.elapsed() < deadline {
+    while more(start, batches) {
         // One batch, resubmitting the rest after a short write.
         let mut done = 0usize;
         while done < batch_bytes {
@@ -119,21 +188,34 @@ pub fn run(secs: f64) -> Result<StreamOutcome> {
             done += n as usize;
         }
         bytes += batch_bytes as u64;
+        batches += 1;
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    let writer_done = start.elapsed();
     let cpu1 = thread_cpu_secs();
     conn.shutdown(Shutdown::Write).ok();
-    let received = reader
+    let (received, reader_done) = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader thread panicked"))?
         .context("reading the stream")?;
+    // The fresh variant is over when the last byte is in place; the timed one when the
+    // writer's time is up.
+    let elapsed = match limit {
+        Limit::Secs(_) => writer_done,
+        Limit::FreshBatches(_) => reader_done - start,
+    }
+    .as_secs_f64();
+    drop(fresh);
     if received != bytes {
         bail!("the reader got {received} bytes of {bytes}");
     }
     let pages_sent = bytes / (HEADER + PAGE) as u64;
     Ok(StreamOutcome {
         role: "stream".into(),
-        mode: "stream".into(),
+        mode: match limit {
+            Limit::Secs(_) => "stream",
+            Limit::FreshBatches(_) => "stream-fresh",
+        }
+        .into(),
         gbytes_per_sec: bytes as f64 / elapsed / 1e9,
         page_gbytes_per_sec: (pages_sent * PAGE as u64) as f64 / elapsed / 1e9,
         bytes,
@@ -160,6 +242,17 @@ fn locate(iov: &[libc::iovec], mut done: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fresh_stream_moves_exactly_the_requested_pages() {
+        let out = run_fresh(4 << 20).unwrap();
+        assert_eq!(out.mode, "stream-fresh");
+        assert_eq!(out.pages, (4 << 20) / PAGE as u64);
+        assert_eq!(out.bytes, out.pages * (HEADER + PAGE) as u64);
+        assert!(out.gbytes_per_sec > 0.0);
+        assert!(run_fresh(PAGE as u64).is_err(), "less than one batch");
+        assert!(run(0.0).is_err() && run(f64::NAN).is_err());
+    }
 
     #[test]
     fn locate_finds_offsets() {
