@@ -26,7 +26,8 @@ pub struct Counters {
     pub requests: AtomicU64,
     /// Faults that found a request for their host page already in flight.
     pub duplicate_requests: AtomicU64,
-    /// Requests the source did not serve itself because the page was already claimed.
+    /// Requests for pages the bulk stream had already handed to the kernel (vanilla leaves
+    /// them to the bulk stream; the preempt modes also send them urgently, as rescues).
     pub requests_already_sent: AtomicU64,
     /// Pages that arrived although they were already in place (skipped, harmless).
     pub duplicate_pages: AtomicU64,
@@ -36,8 +37,8 @@ pub struct Counters {
     pub discarded_pages: AtomicU64,
     /// Pages the source pushed ahead on the urgent channel for a sequential fault stream.
     pub prefetched_pages: AtomicU64,
-    /// Requested pages sent on the urgent channel although the bulk stream had claimed them,
-    /// because they were still waiting in the bulk sender's queue.
+    /// Requested pages sent on the urgent channel although the bulk stream had taken them
+    /// first (still in its queue, the kernel's, or the destination's receive buffer).
     pub rescued_pages: AtomicU64,
 }
 

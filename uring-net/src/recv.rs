@@ -18,6 +18,8 @@ pub struct FrameReader {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Most bytes one buffered read takes from the socket.
+    fill_limit: usize,
 }
 
 /// Smallest internal buffer we accept (headers must fit).
@@ -36,12 +38,20 @@ impl FrameReader {
     /// A reader with an internal buffer of `buf_size` bytes (at least 4 KiB; 256 KiB is a good
     /// default for bulk streams).
     pub fn new(stream: Stream, buf_size: usize) -> Self {
+        let buf = vec![0u8; buf_size.max(MIN_BUF)].into_boxed_slice();
         FrameReader {
             stream,
-            buf: vec![0u8; buf_size.max(MIN_BUF)].into_boxed_slice(),
+            fill_limit: buf.len(),
+            buf,
             start: 0,
             end: 0,
         }
+    }
+
+    /// Caps how much one buffered read takes (at least 4 KiB). On a latency channel a small
+    /// cap lets the first frame be handled before the bytes queued behind it are copied.
+    pub fn set_fill_limit(&mut self, bytes: usize) {
+        self.fill_limit = bytes.clamp(MIN_BUF, self.buf.len());
     }
 
     /// The underlying stream (e.g. to shut it down or set a read timeout).
@@ -204,8 +214,8 @@ impl FrameReader {
             self.end -= self.start;
             self.start = 0;
         }
-        let free = self.buf.len() - self.end;
-        // SAFETY: `end + free == buf.len()`, so the destination range is inside our buffer,
+        let free = (self.buf.len() - self.end).min(self.fill_limit);
+        // SAFETY: `end + free <= buf.len()`, so the destination range is inside our buffer,
         // which we hold exclusively via `&mut self`.
         let n = unsafe { read_fd(&self.stream, self.buf.as_mut_ptr().add(self.end), free) }?;
         self.end += n;
@@ -376,6 +386,19 @@ mod tests {
         }
         w.join().unwrap();
         assert!(r.read_header::<16>().unwrap().is_none());
+    }
+
+    #[test]
+    fn fill_limit_caps_each_read() {
+        let (mut a, b) = pair();
+        a.write_all(&[7u8; 20_000]).unwrap();
+        let mut r = FrameReader::new(b, 64 << 10);
+        r.set_fill_limit(1); // clamped to 4 KiB
+        let _: [u8; 8] = r.read_header().unwrap().unwrap();
+        assert_eq!(r.buffered(), 4096 - 8, "one read of at most 4 KiB");
+        let mut rest = vec![0u8; 20_000 - 8];
+        r.read_exact(&mut rest).unwrap();
+        assert!(rest.iter().all(|&v| v == 7));
     }
 
     #[test]

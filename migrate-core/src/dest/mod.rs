@@ -326,6 +326,8 @@ impl Destination {
                     main = Some(reader)
                 }
                 Channel::Urgent => {
+                    // Place the first requested page before copying what follows it.
+                    reader.set_fill_limit(16 << 10);
                     reader.stream().set_read_timeout(None)?;
                     reader
                         .stream()

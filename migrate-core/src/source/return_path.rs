@@ -122,39 +122,41 @@ impl ReturnPath {
         let bits = &self.claims.to_send[region as usize];
         let accepted = self.bulk_stats.bytes.load(Relaxed);
         for hp in first..first + n {
-            let claimed = bits.clear(hp);
-            // Claimed by the bulk stream but still in its queue: send it here anyway (a
-            // rescue; the destination skips whichever copy arrives second). Already in the
-            // kernel's hands: it arrives about as soon as a new send would.
-            let rescue = !claimed
-                && self
+            if !bits.clear(hp) {
+                // The bulk stream took it first, and the destination does not have it yet: it
+                // waits in the bulk sender's queue, the kernel's, or the destination's receive
+                // buffer, behind up to a few hundred KiB of bulk data. Send it here anyway (a
+                // rescue; the destination keeps whichever copy arrives first).
+                self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
+                if !self
                     .claims
-                    .stuck_in_bulk_queue(region as usize, hp, accepted);
-            if claimed || rescue {
-                if rescue {
-                    self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
+                    .stuck_in_bulk_queue(region as usize, hp, accepted)
+                {
+                    self.progress
+                        .counters
+                        .requests_already_sent
+                        .fetch_add(1, Relaxed);
                 }
-                push_run(
-                    urgent,
-                    Run {
-                        region: reg,
-                        first: hp,
-                        n: 1,
-                    },
-                    self.max_record_bytes,
-                    &self.progress.counters,
-                    Lane::Urgent,
-                    None,
-                )?;
-            } else {
-                self.progress
-                    .counters
-                    .requests_already_sent
-                    .fetch_add(1, Relaxed);
             }
+            push_run(
+                urgent,
+                Run {
+                    region: reg,
+                    first: hp,
+                    n: 1,
+                },
+                self.max_record_bytes,
+                &self.progress.counters,
+                Lane::Urgent,
+                None,
+            )?;
         }
         let window = self.prefetch_bytes / page;
         if let Some(ahead) = self.seq.on_request(region, first + n - 1, window) {
+            // The requested pages leave first, in a send of their own, not behind the copy of
+            // the pages pushed ahead.
+            urgent.flush()?;
+            urgent.drain(Some(self.timeout))?;
             let pushed = push_ahead(
                 urgent,
                 &self.claims.to_send[region as usize],

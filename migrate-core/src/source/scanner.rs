@@ -134,13 +134,14 @@ impl Scanner {
                 let claimed = bits.clear(hp);
                 match self.urgent.as_mut() {
                     // Preempt: the page goes on the urgent channel, also when the bulk stream
-                    // claimed it but still holds it in its queue (a rescue: the destination
-                    // skips whichever copy arrives second).
-                    Some(u)
-                        if claimed || self.claims.stuck_in_bulk_queue(r as usize, hp, accepted) =>
-                    {
+                    // took it first (a rescue: it is still queued behind bulk data somewhere,
+                    // and the destination skips whichever copy arrives second).
+                    Some(u) => {
                         if !claimed {
                             counters.rescued_pages.fetch_add(1, Relaxed);
+                            if !self.claims.stuck_in_bulk_queue(r as usize, hp, accepted) {
+                                counters.requests_already_sent.fetch_add(1, Relaxed);
+                            }
                         }
                         self.pacer.on_request();
                         push_run(
