@@ -3,7 +3,7 @@
 #
 # Usage (as root, after `cargo build --release -p migrate-cli`):
 #   scripts/bench.sh [SECTION...]
-#     sections: loopback shaped shaped_light shaped_rcvbuf bulk huge seq scale
+#     sections: loopback loopback_colocated shaped shaped_light shaped_rcvbuf bulk huge seq scale
 #     (default: all, in that order)
 # Environment:
 #   RUNS=3             runs per figure (medians are reported)
@@ -77,7 +77,8 @@ O = sys.argv[2]
 if kind == "loopback":
     rows = {}
     base = []
-    for p in sorted(glob.glob(O + "/loopback-*.json")):
+    prefix = sys.argv[3] if len(sys.argv) > 3 else "loopback-default-"
+    for p in sorted(glob.glob(O + "/" + prefix + "*.json")):
         for r in load(p):
             rows.setdefault(r["mode"], []).append(r)
         base += [r["baseline_gbytes_per_sec"] for r in load(p) if r.get("baseline_gbytes_per_sec")][:1]
@@ -116,6 +117,9 @@ elif kind == "bulk":
     for p in sorted(glob.glob(O + "/bulk-stream-*.json")):
         r = load(p)
         print(f"| stream alone | {p.rsplit('-',1)[1][:-5]} | - | {r['gbytes_per_sec']:.2f} | - | {r['sender_cpu_us_per_page']:.2f} | - |")
+    for p in sorted(glob.glob(O + "/bulk-fresh-*.json")):
+        r = load(p)
+        print(f"| stream --fresh 1G (into fresh memory) | {p.rsplit('-',1)[1][:-5]} | - | {r['gbytes_per_sec']:.2f} | - | {r['sender_cpu_us_per_page']:.2f} | - |")
 elif kind == "huge":
     print("| what | run | requests | avg µs | p50 µs | p99 µs | dest anon_huge before → after | verified |")
     print("|---|---|---|---|---|---|---|---|")
@@ -150,8 +154,16 @@ elif kind == "scale":
 EOF
 
 sec_loopback() {
-  for i in $(seq 1 "$RUNS"); do demo "loopback-$i" --mode all; done
-  table loopback "$OUT"
+  for i in $(seq 1 "$RUNS"); do demo "loopback-default-$i" --mode all; done
+  table loopback "$OUT" loopback-default-
+}
+
+# The same with every urgent-path thread of both processes on one CPU (the last one): on one
+# machine the three hops of a request then wake each other locally instead of by IPI.
+sec_loopback_colocated() {
+  local last=$(( $(nproc) - 1 ))
+  for i in $(seq 1 "$RUNS"); do demo "loopback-colo-$i" --mode all --urgent-cpus "$last"; done
+  table loopback "$OUT" loopback-colo-
 }
 
 sec_shaped() {
@@ -198,6 +210,8 @@ sec_shaped_rcvbuf() {
 sec_bulk() {
   for i in $(seq 1 "$RUNS"); do
     stream "bulk-stream-$i"
+    log "migrate-cli stream --fresh 1G --json"
+    "$bin" stream --fresh 1G --json > "$OUT/bulk-fresh-$i.json"
     demo "bulk-loop-$i" --mode preempt-full --postcopy-after-passes 2 --dirty-rate 0 --baseline --baseline-secs 2
     shaped "bulk-shaped-$i" --rate 10gbit --mode preempt-full --postcopy-after-passes 2 --dirty-rate 0
   done
@@ -237,7 +251,7 @@ sec_scale() {
 }
 
 sections=("$@")
-[[ ${#sections[@]} -gt 0 ]] || sections=(loopback shaped shaped_light shaped_rcvbuf bulk huge seq scale)
+[[ ${#sections[@]} -gt 0 ]] || sections=(loopback loopback_colocated shaped shaped_light shaped_rcvbuf bulk huge seq scale)
 echo "results in $OUT ($(date -u +%F), $(nproc) CPUs, $(uname -r))" >&2
 for s in "${sections[@]}"; do
   echo "## $s"
