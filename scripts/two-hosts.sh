@@ -12,6 +12,7 @@
 #   source only:      --mode --dirty-rate --precopy-secs --postcopy-after-passes --no-verify
 #                     --connect-timeout-secs --no-seq-assist --bulk-backlog --max-record
 #                     --bulk-send --notsent-lowat --sndbuf --pacing-headroom --no-pacing
+#                     --push-ahead
 #   both:             everything else (--mem --page-size --vcpus --access --json --timeout-secs
 #                     --urgent-cpus --bulk-cpus --no-realtime ...)
 # Example:
@@ -35,7 +36,7 @@ takes_value() {
     --mem|--page-size|--vcpus|--access|--timeout-secs|--progress|--think-us|--touches|\
     --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--connect-timeout-secs|\
     --bulk-backlog|--max-record|--bulk-send|--notsent-lowat|--sndbuf|--pacing-headroom|\
-    --rcvbuf|--urgent-cpus|--bulk-cpus) return 0 ;;
+    --rcvbuf|--urgent-cpus|--bulk-cpus|--push-ahead) return 0 ;;
     *) return 1 ;;
   esac
 }
@@ -51,7 +52,7 @@ while [[ $# -gt 0 ]]; do
     --port=*) port="${arg#*=}"; shift; continue ;;
     --bin) bin="${2:?--bin needs a path}"; shift 2; continue ;;
     --bin=*) bin="${arg#*=}"; shift; continue ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
   esac
   name="${arg%%=*}"
   group=()
@@ -65,7 +66,7 @@ while [[ $# -gt 0 ]]; do
     --think-us|--touches|--rcvbuf) dest_only+=("${group[@]}") ;;
     --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--no-verify|--connect-timeout-secs|\
     --no-seq-assist|--bulk-backlog|--max-record|--bulk-send|--notsent-lowat|--sndbuf|\
-    --pacing-headroom|--no-pacing)
+    --pacing-headroom|--no-pacing|--push-ahead)
       src_only+=("${group[@]}") ;;
     --listen|--connect|--port-file) die "$name is set by this script" ;;
     *) both+=("${group[@]}") ;;

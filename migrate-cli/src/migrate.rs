@@ -249,6 +249,10 @@ pub struct SourceTuning {
     /// Never pace the bulk socket.
     #[arg(long)]
     pub no_pacing: bool,
+    /// How much a sequential request stream gets pushed ahead on the urgent channel (0: no
+    /// push-ahead; the page hint still steers the bulk scanner).
+    #[arg(long, value_name = "SIZE")]
+    pub push_ahead: Option<Size>,
 }
 
 impl SourceTuning {
@@ -285,6 +289,9 @@ impl SourceTuning {
         if self.no_pacing {
             c.adaptive_pacing = None;
         }
+        if let Some(v) = self.push_ahead {
+            c.prefetch_bytes = v.0;
+        }
         Ok(())
     }
 
@@ -296,6 +303,7 @@ impl SourceTuning {
         out["notsent_lowat"] = json!(c.bulk_socket.notsent_lowat);
         out["sndbuf"] = json!(c.bulk_socket.send_buffer);
         out["adaptive_pacing"] = json!(c.adaptive_pacing);
+        out["push_ahead_bytes"] = json!(c.prefetch_bytes);
     }
 
     /// The same knobs as command-line flags (for child processes).
@@ -307,6 +315,7 @@ impl SourceTuning {
             ("--bulk-send", self.bulk_send),
             ("--notsent-lowat", self.notsent_lowat),
             ("--sndbuf", self.sndbuf),
+            ("--push-ahead", self.push_ahead),
         ] {
             if let Some(s) = val {
                 v.push(name.to_string());

@@ -655,6 +655,8 @@ fn source_tuning_flags_reach_the_settings() {
         "--sndbuf",
         "1M",
         "--no-pacing",
+        "--push-ahead",
+        "0",
         "--rcvbuf",
         "512K",
         "--postcopy-after-passes",
@@ -671,6 +673,7 @@ fn source_tuning_flags_reach_the_settings() {
     assert_eq!(s["notsent_lowat"], 64 << 10, "{s}");
     assert_eq!(s["sndbuf"], 1 << 20, "{s}");
     assert_eq!(s["adaptive_pacing"], Value::Null, "{s}");
+    assert_eq!(s["push_ahead_bytes"], 0, "{s}");
     assert_eq!(s["rcvbuf"], 512 << 10, "{s}");
     assert!(v["baseline_gbytes_per_sec"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["precopy_vs_baseline_pct"].as_f64().unwrap() > 0.0, "{v}");
