@@ -53,8 +53,8 @@ struct StreamArgs {
     /// How long to stream (seconds).
     #[arg(long, default_value_t = 2.0, conflicts_with = "fresh")]
     secs: f64,
-    /// Instead: stream exactly this much page data into fresh memory (the reader allocates
-    /// every page as it reads, as a migration destination does), e.g. 1G.
+    /// Instead: stream this much page data (rounded down to 256 KiB) into fresh memory (the
+    /// reader allocates every page as it reads, as a migration destination does), e.g. 1G.
     #[arg(long, value_name = "SIZE")]
     fresh: Option<size::Size>,
     #[arg(long)]

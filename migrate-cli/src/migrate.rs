@@ -668,22 +668,13 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     SourceTuning::settings(&config, &mut tuning);
     let source = Source::new(mem.clone(), config);
     let bar = SourceBar::start(source.progress(), args.progress.enabled(args.json));
-    let guest_writes = Arc::new(Mutex::new(None));
-    let mut pause = {
-        let guest_writes = guest_writes.clone();
-        move || -> Result<(), String> {
-            let n = workload.pause();
-            *guest_writes.lock().unwrap_or_else(|p| p.into_inner()) = Some(n);
-            Ok(())
-        }
-    };
     tracing::info!(to = %args.connect, mode = args.mode.name(), "source migrating");
     let stop = AtomicBool::new(false);
     let cpu0 = process_cpu_ms();
     let (result, breaks) = std::thread::scope(|s| {
         let chaos =
             (args.chaos_breaks > 0).then(|| s.spawn(|| chaos(&source, args.chaos_breaks, &stop)));
-        let r = source.migrate(&args.connect, &mut dirty, &mut pause);
+        let r = source.migrate(&args.connect, &mut dirty, &mut workload);
         stop.store(true, Release);
         (r, chaos.map_or(0, |c| c.join().unwrap_or(0)))
     });
@@ -706,8 +697,8 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     if args.chaos_breaks > 0 {
         settings["chaos_breaks"] = json!(breaks);
     }
-    settings["source_guest_writes"] =
-        json!(*guest_writes.lock().unwrap_or_else(|p| p.into_inner()));
+    // The guest is paused (or, after a failed switchover, running again): what it wrote.
+    settings["source_guest_writes"] = json!(workload.writes.load(SeqCst));
     if let serde_json::Value::Object(t) = tuning {
         for (k, v) in t {
             settings[k] = v;

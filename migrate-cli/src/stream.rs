@@ -72,6 +72,7 @@ pub fn run(secs: f64) -> Result<StreamOutcome> {
 /// (with their headers) are streamed, and the reader reads them into fresh anonymous memory,
 /// so every page costs the receiver a page fault and a zeroed page, as precopy does.
 pub fn run_fresh(page_bytes: u64) -> Result<StreamOutcome> {
+    // Whole batches of 64 pages (256 KiB), rounded down.
     let batches = page_bytes / (BATCH * PAGE) as u64;
     if batches == 0 {
         bail!("--fresh must be at least {} KiB", BATCH * PAGE / 1024);
@@ -99,12 +100,12 @@ fn stream(limit: Limit) -> Result<StreamOutcome> {
         ),
         Limit::Secs(_) => None,
     };
-    // Allocated (but not touched) before the clock starts.
+    // Allocated (but not touched) before the clock starts; rounded up to whole pages.
     let fresh = fresh_len
         .map(|len| {
             migrate_core::memory::Mapping::new(
                 "stream-fresh",
-                len,
+                len.next_multiple_of(PAGE),
                 migrate_core::memory::Backing::Anonymous,
             )
         })
@@ -112,19 +113,20 @@ fn stream(limit: Limit) -> Result<StreamOutcome> {
         .context("mapping the fresh receive memory")?;
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
     let addr = listener.local_addr()?;
-    let fresh_ptr = fresh.as_ref().map(|m| (m.as_ptr() as usize, m.len()));
+    // The reader owns the mapping: it stays mapped for as long as the thread can write to it,
+    // whichever way this function returns.
     let reader = std::thread::spawn(move || -> std::io::Result<(u64, Instant)> {
         let (mut conn, _) = listener.accept()?;
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            let r = match fresh_ptr {
-                // SAFETY: the mapping outlives this thread (joined below before it is
-                // dropped) and nothing else touches it; reads stay inside `len`.
-                Some((base, len)) if (total as usize) < len => unsafe {
+            let r = match &fresh {
+                // SAFETY: `m` is owned by this thread, so it is mapped for the whole call and
+                // nothing else touches it; the read stays inside its `m.len()` bytes.
+                Some(m) if (total as usize) < m.len() => unsafe {
                     let at = total as usize;
-                    let n = (len - at).min(1 << 20);
-                    let r = libc::read(conn.as_raw_fd(), (base + at) as *mut libc::c_void, n);
+                    let n = (m.len() - at).min(1 << 20);
+                    let r = libc::read(conn.as_raw_fd(), m.as_ptr().add(at).cast(), n);
                     if r < 0 {
                         Err(std::io::Error::last_os_error())
                     } else {
@@ -204,7 +206,6 @@ fn stream(limit: Limit) -> Result<StreamOutcome> {
         Limit::FreshBatches(_) => reader_done - start,
     }
     .as_secs_f64();
-    drop(fresh);
     if received != bytes {
         bail!("the reader got {received} bytes of {bytes}");
     }
@@ -248,6 +249,14 @@ mod tests {
         let out = run_fresh(4 << 20).unwrap();
         assert_eq!(out.mode, "stream-fresh");
         assert_eq!(out.pages, (4 << 20) / PAGE as u64);
+        // Sizes that are not whole batches are rounded down to them (not refused).
+        for (size, batches) in [(300 << 10, 1), (512 << 10, 2), (1280 << 10, 5)] {
+            assert_eq!(
+                run_fresh(size).unwrap().pages,
+                batches * BATCH as u64,
+                "{size}"
+            );
+        }
         assert_eq!(out.bytes, out.pages * (HEADER + PAGE) as u64);
         assert!(out.gbytes_per_sec > 0.0);
         assert!(run_fresh(PAGE as u64).is_err(), "less than one batch");

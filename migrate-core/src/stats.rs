@@ -26,8 +26,8 @@ pub struct Counters {
     pub requests: AtomicU64,
     /// Faults that found a request for their host page already in flight.
     pub duplicate_requests: AtomicU64,
-    /// Requests for pages the bulk stream had already handed to the kernel (vanilla leaves
-    /// them to the bulk stream; the preempt modes also send them urgently, as rescues).
+    /// Requests for pages a sender had already handed to the kernel (vanilla leaves them to
+    /// the bulk stream; the preempt modes send bulk ones urgently too, as rescues).
     pub requests_already_sent: AtomicU64,
     /// Pages that arrived although they were already in place (skipped, harmless).
     pub duplicate_pages: AtomicU64,

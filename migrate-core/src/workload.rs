@@ -112,6 +112,10 @@ impl PageSpace {
 
 /// Source-side guest: vCPU threads dirtying pages at a set rate until stopped.
 pub struct SourceWorkload {
+    memory: Arc<GuestMemory>,
+    vcpus: usize,
+    access: Access,
+    rate: u64,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     pub writes: Arc<AtomicU64>,
@@ -120,62 +124,79 @@ pub struct SourceWorkload {
 impl SourceWorkload {
     /// `rate` is host-page writes per second over all vCPUs (0: no writes).
     pub fn start(memory: Arc<GuestMemory>, vcpus: usize, access: Access, rate: u64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let writes = Arc::new(AtomicU64::new(0));
-        let space = PageSpace::new(&memory);
-        let vcpus = vcpus.max(1);
-        let threads = if rate == 0 {
-            Vec::new()
-        } else {
-            (0..vcpus)
-                .map(|v| {
-                    let (memory, stop, writes, space) =
-                        (memory.clone(), stop.clone(), writes.clone(), space.clone());
-                    let per_vcpu = (rate as f64 / vcpus as f64).max(1.0);
-                    std::thread::Builder::new()
-                        .name(format!("src-vcpu{v}"))
-                        .spawn(move || {
-                            let mut rng = SmallRng::seed_from_u64(v as u64 + 1);
-                            let (lo, hi) = (space.total * v / vcpus, space.total * (v + 1) / vcpus);
-                            let mut cursor = lo;
-                            let start = Instant::now();
-                            let mut done = 0u64;
-                            while !stop.load(Relaxed) {
-                                let i = pick(
-                                    &mut rng,
-                                    access,
-                                    &mut cursor,
-                                    lo,
-                                    hi.max(lo + 1).min(space.total),
-                                );
-                                let (r, hp) = space.locate(i.min(space.total - 1));
-                                let region = &memory.regions()[r];
-                                let generation = 1 + writes.fetch_add(1, Relaxed);
-                                write_chunk(
-                                    region,
-                                    hp,
-                                    rng.gen_range(0..region.host_page_size() / PAGE_SIZE),
-                                    generation,
-                                );
-                                done += 1;
-                                let due = Duration::from_secs_f64(done as f64 / per_vcpu);
-                                let elapsed = start.elapsed();
-                                if due > elapsed {
-                                    std::thread::sleep(
-                                        (due - elapsed).min(Duration::from_millis(20)),
-                                    );
-                                }
-                            }
-                        })
-                        .expect("spawn source vCPU thread")
-                })
-                .collect()
+        let mut w = Self {
+            memory,
+            vcpus: vcpus.max(1),
+            access,
+            rate,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            writes: Arc::new(AtomicU64::new(0)),
         };
-        Self {
-            stop,
-            threads,
-            writes,
+        w.spawn_vcpus();
+        w
+    }
+
+    /// Runs the vCPUs again after [`pause`](Self::pause) (a migration that gave up before
+    /// the destination could run the guest).
+    pub fn resume(&mut self) {
+        if self.threads.is_empty() {
+            self.stop.store(false, SeqCst);
+            self.spawn_vcpus();
         }
+    }
+
+    fn spawn_vcpus(&mut self) {
+        if self.rate == 0 {
+            return;
+        }
+        let space = PageSpace::new(&self.memory);
+        let (vcpus, access) = (self.vcpus, self.access);
+        self.threads = (0..vcpus)
+            .map(|v| {
+                let (memory, stop, writes, space) = (
+                    self.memory.clone(),
+                    self.stop.clone(),
+                    self.writes.clone(),
+                    space.clone(),
+                );
+                let per_vcpu = (self.rate as f64 / vcpus as f64).max(1.0);
+                std::thread::Builder::new()
+                    .name(format!("src-vcpu{v}"))
+                    .spawn(move || {
+                        let mut rng = SmallRng::seed_from_u64(v as u64 + 1);
+                        let (lo, hi) = (space.total * v / vcpus, space.total * (v + 1) / vcpus);
+                        let mut cursor = lo;
+                        let start = Instant::now();
+                        let mut done = 0u64;
+                        while !stop.load(Relaxed) {
+                            let i = pick(
+                                &mut rng,
+                                access,
+                                &mut cursor,
+                                lo,
+                                hi.max(lo + 1).min(space.total),
+                            );
+                            let (r, hp) = space.locate(i.min(space.total - 1));
+                            let region = &memory.regions()[r];
+                            let generation = 1 + writes.fetch_add(1, Relaxed);
+                            write_chunk(
+                                region,
+                                hp,
+                                rng.gen_range(0..region.host_page_size() / PAGE_SIZE),
+                                generation,
+                            );
+                            done += 1;
+                            let due = Duration::from_secs_f64(done as f64 / per_vcpu);
+                            let elapsed = start.elapsed();
+                            if due > elapsed {
+                                std::thread::sleep((due - elapsed).min(Duration::from_millis(20)));
+                            }
+                        }
+                    })
+                    .expect("spawn source vCPU thread")
+            })
+            .collect();
     }
 
     /// Stops every vCPU (the guest is paused); returns how many writes were made.
@@ -185,6 +206,19 @@ impl SourceWorkload {
             let _ = t.join();
         }
         self.writes.load(SeqCst)
+    }
+}
+
+/// The synthetic guest as the source's VMM: pausing stops its vCPUs, resuming restarts them.
+impl crate::source::SourceControl for SourceWorkload {
+    fn pause(&mut self) -> Result<(), String> {
+        SourceWorkload::pause(self);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        SourceWorkload::resume(self);
+        Ok(())
     }
 }
 

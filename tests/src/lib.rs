@@ -71,11 +71,7 @@ pub fn migrate_source(
 ) -> Result<SourceReport, migrate_core::MigrateError> {
     let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
     let mut workload = SourceWorkload::start(src_mem, case.vcpus, case.access, case.dirty_rate);
-    let mut pause = || {
-        workload.pause();
-        Ok(())
-    };
-    source.migrate(ep, &mut dirty, &mut pause)
+    source.migrate(ep, &mut dirty, &mut workload)
 }
 
 pub struct Outcome {

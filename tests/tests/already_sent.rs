@@ -1,9 +1,8 @@
 //! A request for a page already sent: a fake destination (the protocol spoken by hand over
 //! loopback) asks a real `Source` for a page it has just received in the bulk stream. The source
 //! cannot tell whether the page has arrived (a destination only asks for pages it lacks, so the
-//! page is normally still queued behind bulk data), so it counts the request as already sent
-//! and sends the page once more on the urgent channel, with the same bytes; every other page is
-//! sent exactly once.
+//! page is normally still queued behind bulk data), so it sends the page once more on the
+//! urgent channel (a rescue), with the same bytes; every other page is sent exactly once.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -164,11 +163,6 @@ fn request_for_a_page_already_sent_is_resent_once_on_the_urgent_channel() {
         .expect("fake destination");
     let report = report.expect("source migration");
 
-    assert!(
-        report.counters.requests_already_sent >= 1,
-        "the request was not counted as already sent: {:?}",
-        report.counters
-    );
     assert_eq!(report.counters.requests, 1, "{:?}", report.counters);
 
     let x = seen.requested;

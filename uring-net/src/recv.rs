@@ -1,7 +1,7 @@
 //! Blocking, buffered frame receiver.
 //!
-//! The receiver deliberately uses plain blocking `read(2)` instead of io_uring: a thread blocked
-//! in `read` is woken directly by the softirq that queues the data, and the bytes are copied in
+//! The receiver deliberately uses plain blocking `read(2)`/`readv(2)` instead of io_uring: a
+//! thread blocked in `read` is woken directly by the softirq that queues the data, and the bytes are copied in
 //! the same syscall. An io_uring `RECV` would add a hop (poll wakeup → task work → CQE → waiting
 //! thread wakes up → reap), which costs latency on the urgent path and buys nothing when each
 //! connection already has a dedicated receiver thread.
@@ -371,6 +371,10 @@ mod tests {
             }
         });
         let mut r = FrameReader::new(b, 256 << 10);
+        // Headers are read 4 KiB at a time, so a payload ending with exactly `LOOKAHEAD` bytes
+        // buffered can only come from a direct read that took the next bytes along.
+        r.set_fill_limit(LOOKAHEAD);
+        let mut looked_ahead = 0;
         for (i, len) in lens.iter().enumerate() {
             let h: [u8; 16] = r.read_header().unwrap().unwrap();
             assert_eq!(u64::from_le_bytes(h[..8].try_into().unwrap()), i as u64);
@@ -383,7 +387,13 @@ mod tests {
                     .all(|(k, &v)| v == (k * 7 + i) as u8),
                 "record {i} corrupted"
             );
+            assert!(r.buffered() <= LOOKAHEAD, "{}", r.buffered());
+            looked_ahead += usize::from(r.buffered() == LOOKAHEAD);
         }
+        assert!(
+            looked_ahead > 0,
+            "no direct read ever took the next header along"
+        );
         w.join().unwrap();
         assert!(r.read_header::<16>().unwrap().is_none());
     }

@@ -550,6 +550,26 @@ impl FrameSender {
         self.queue.is_empty() && self.inflight.is_empty()
     }
 
+    /// Waits up to `timeout` until the kernel holds no submitted send whose completion is still
+    /// to come, without submitting anything new (also after a failure). Returns whether that
+    /// was reached: then [`accepted_bytes`](Self::accepted_bytes) is exactly what the kernel
+    /// took, nothing more can follow from the sends made so far.
+    pub fn settle(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Reap only: queued frames must not go out now. A failed send's completion is
+            // reaped like any other (the error itself was reported to the caller already).
+            let _ = self.reap();
+            if !self.inflight.iter().any(|(_, op)| op.in_kernel) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.block(Some(deadline - now)).is_err() {
+                return !self.inflight.iter().any(|(_, op)| op.in_kernel);
+            }
+        }
+    }
+
     /// Shared counters.
     pub fn stats(&self) -> Arc<SendStats> {
         Arc::clone(&self.stats)

@@ -128,3 +128,22 @@ fn a_frame_smaller_than_a_send_completes_promptly_after_flush() {
 fn a_zero_copy_frame_completes_promptly_after_flush() {
     frames_smaller_than_a_send_go_out_promptly(uring_net::ZeroCopy::Always);
 }
+
+/// `settle` waits for what the kernel holds and never sends what is still queued: after the
+/// peer is gone, frames pushed but not flushed stay unsent and uncounted.
+#[test]
+fn settle_reaps_without_sending_the_queue() {
+    let (tx, rx) = pair(Kind::Tcp);
+    let mut s = FrameSender::new(tx, SenderConfig::bulk()).unwrap();
+    let bufs = payload_bufs(0, 4096);
+    s.push(&header(0, 4096), &bufs).unwrap();
+    s.flush().unwrap();
+    assert!(s.settle(Duration::from_secs(5)), "an idle sender settles");
+    let sent = s.accepted_bytes();
+    assert_eq!(sent, (HDR + 4096) as u64);
+
+    drop(rx);
+    s.push(&header(1, 4096), &payload_bufs(1, 4096)).unwrap();
+    assert!(s.settle(Duration::from_secs(5)));
+    assert_eq!(s.accepted_bytes(), sent, "settle sent a queued frame");
+}

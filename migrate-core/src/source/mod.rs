@@ -38,6 +38,14 @@ use shared::{Claims, Finish, RequestQueue};
 pub trait SourceControl: Send {
     /// Stop every vCPU; after this returns, guest memory must not change.
     fn pause(&mut self) -> Result<(), String>;
+
+    /// Let the vCPUs run again after a switchover that failed before the destination could
+    /// have received the `Postcopy` record (so the guest cannot run there). The migration then
+    /// ends with an error and the guest goes on here. The default cannot resume: the error
+    /// then says the guest is still paused.
+    fn resume(&mut self) -> Result<(), String> {
+        Err("this source cannot resume its guest".into())
+    }
 }
 
 impl<F: FnMut() -> Result<(), String> + Send> SourceControl for F {
@@ -304,6 +312,8 @@ impl Source {
             seq: Default::default(),
             pacer: pacer.clone(),
             switched: false,
+            postcopy_end: None,
+            past_no_return: false,
         };
         let mut rp_thread = Some(self.start_return_path(&mut scanner, urgent, reader, &table)?);
         let mut recoveries = 0u32;
@@ -318,6 +328,9 @@ impl Source {
             };
             let done =
                 matches!((&step, &pre), (Ok(()), Some(_)) if scanner.finish.done.load(Acquire));
+            // After a failure past the pause: decided on this connection's offsets, before it
+            // is torn down (and latched, for the connections after it).
+            let dest_may_run = step.is_err() && scanner.switched && scanner.dest_may_run();
             // Either way this link is over when the step failed or the migration is done.
             if step.is_err() || done {
                 for c in &closers {
@@ -330,6 +343,22 @@ impl Source {
             match step {
                 Ok(()) if done => break Ok(()),
                 Ok(()) => continue,
+                Err(e) if scanner.switched && !dest_may_run => {
+                    // Paused, but the Postcopy record never reached the kernel: the destination
+                    // cannot run the guest, so it goes on here.
+                    let _ = dirty.stop(&self.memory);
+                    let resumed = control.resume();
+                    break Err(MigrateError::Cancelled(match resumed {
+                        Ok(()) => format!(
+                            "switchover failed before the destination could run the guest \
+                             ({e}); the guest runs here again"
+                        ),
+                        Err(r) => format!(
+                            "switchover failed before the destination could run the guest \
+                             ({e}), and the guest could not be resumed here: {r}"
+                        ),
+                    }));
+                }
                 Err(e) if e.is_link_failure() && scanner.switched && cfg.reconnect.retries > 0 => {
                     tracing::warn!(error = %e, "postcopy paused: reconnecting");
                     self.progress.set_phase(SourcePhase::Paused);

@@ -93,22 +93,23 @@ pub(crate) fn push_run(
 /// `sender`, coalescing contiguous claims. Returns how many pages it pushed.
 pub(crate) fn push_ahead(
     sender: &mut FrameSender,
-    to_send: &crate::bitmap::AtomicBitmap,
+    claims: &super::shared::Claims,
     region: &GuestRegion,
     range: std::ops::Range<usize>,
     max_record: usize,
     counters: &Counters,
 ) -> Result<usize, MigrateError> {
     let end = range.end.min(region.host_pages());
+    let r = region.id() as usize;
     let mut hp = range.start;
     let mut pushed = 0;
     while hp < end {
-        if !to_send.clear(hp) {
+        if !claims.claim_for_urgent(r, hp) {
             hp += 1;
             continue;
         }
         let mut n = 1;
-        while hp + n < end && to_send.clear(hp + n) {
+        while hp + n < end && claims.claim_for_urgent(r, hp + n) {
             n += 1;
         }
         push_run(

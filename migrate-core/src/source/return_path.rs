@@ -119,24 +119,26 @@ impl ReturnPath {
             return Ok(());
         };
         self.pacer.on_request();
-        let bits = &self.claims.to_send[region as usize];
+        let r = region as usize;
         let accepted = self.bulk_stats.bytes.load(Relaxed);
         for hp in first..first + n {
-            if !bits.clear(hp) {
-                // The bulk stream took it first, and the destination does not have it yet: it
-                // waits in the bulk sender's queue, the kernel's, or the destination's receive
-                // buffer, behind up to a few hundred KiB of bulk data. Send it here anyway (a
-                // rescue; the destination keeps whichever copy arrives first).
-                self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
-                if !self
-                    .claims
-                    .stuck_in_bulk_queue(region as usize, hp, accepted)
-                {
+            if !self.claims.claim_for_urgent(r, hp) {
+                if !self.claims.stuck_in_bulk_queue(r, hp, accepted) {
                     self.progress
                         .counters
                         .requests_already_sent
                         .fetch_add(1, Relaxed);
                 }
+                if !self.claims.taken_by_bulk(r, hp) {
+                    // Sent on this urgent channel already (requested or pushed ahead): a
+                    // second copy would queue behind the first.
+                    continue;
+                }
+                // The bulk stream took it first, and the destination does not have it yet: it
+                // waits in the bulk sender's queue, the kernel's, or the destination's receive
+                // buffer, behind up to a few hundred KiB of bulk data. Send it here anyway (a
+                // rescue; the destination keeps whichever copy arrives first).
+                self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
             }
             push_run(
                 urgent,
@@ -159,7 +161,7 @@ impl ReturnPath {
             urgent.drain(Some(self.timeout))?;
             let pushed = push_ahead(
                 urgent,
-                &self.claims.to_send[region as usize],
+                &self.claims,
                 reg,
                 ahead,
                 self.max_record_bytes,

@@ -41,8 +41,13 @@ pub(crate) struct Scanner {
     pub seq: super::prefetch::SeqDetector,
     pub pacer: Arc<super::pacing::Pacer>,
     /// Set once the guest was paused: from then on a broken connection pauses the migration
-    /// instead of cancelling it.
+    /// instead of cancelling it (once the destination may run the guest, see `dest_may_run`).
     pub switched: bool,
+    /// Bulk stream offset at the end of the `Postcopy` record, once it was pushed.
+    pub postcopy_end: Option<u64>,
+    /// Latched once the destination may run the guest (see `dest_may_run`): offsets restart on
+    /// a new connection, the point of no return does not.
+    pub past_no_return: bool,
 }
 
 /// What the precopy phase measured.
@@ -63,6 +68,21 @@ impl Scanner {
     }
 
     /// Queues a payload-less record (command) on the bulk stream.
+    /// Whether the destination may have the `Postcopy` record (and so may run the guest):
+    /// once the kernel accepted all of it, the source can no longer tell, and must not run
+    /// the guest itself again.
+    pub fn dest_may_run(&mut self) -> bool {
+        if !self.past_no_return {
+            if let Some(end) = self.postcopy_end {
+                // Let the kernel finish what it holds first; if it does not say in time, the
+                // record may be out: assume the destination has it.
+                let settled = self.bulk.settle(Duration::from_secs(1));
+                self.past_no_return = !settled || self.bulk.accepted_bytes() >= end;
+            }
+        }
+        self.past_no_return
+    }
+
     fn push_command(&mut self, rec: Record) -> Result<(), MigrateError> {
         push_frame(&mut self.bulk, Some(&mut self.pushed), &rec.encode(), &[])
     }
@@ -129,19 +149,23 @@ impl Scanner {
         let accepted = self.bulk.accepted_bytes();
         for &(r, first, n) in &reqs {
             let region = &self.memory.regions()[r as usize];
-            let bits = &self.claims.to_send[r as usize];
+            let (ri, bits) = (r as usize, &self.claims.to_send[r as usize]);
             for hp in first..first + n {
-                let claimed = bits.clear(hp);
+                let claimed = match self.urgent {
+                    Some(_) => self.claims.claim_for_urgent(ri, hp),
+                    None => bits.clear(hp),
+                };
+                if !claimed && !self.claims.stuck_in_bulk_queue(ri, hp, accepted) {
+                    counters.requests_already_sent.fetch_add(1, Relaxed);
+                }
                 match self.urgent.as_mut() {
                     // Preempt: the page goes on the urgent channel, also when the bulk stream
                     // took it first (a rescue: it is still queued behind bulk data somewhere,
-                    // and the destination skips whichever copy arrives second).
-                    Some(u) => {
+                    // and the destination skips whichever copy arrives second). A page already
+                    // sent urgently is not sent again behind itself.
+                    Some(u) if claimed || self.claims.taken_by_bulk(ri, hp) => {
                         if !claimed {
                             counters.rescued_pages.fetch_add(1, Relaxed);
-                            if !self.claims.stuck_in_bulk_queue(r as usize, hp, accepted) {
-                                counters.requests_already_sent.fetch_add(1, Relaxed);
-                            }
                         }
                         self.pacer.on_request();
                         push_run(
@@ -173,9 +197,7 @@ impl Scanner {
                             ends: &self.claims.bulk_end[r as usize],
                         }),
                     )?,
-                    _ => {
-                        counters.requests_already_sent.fetch_add(1, Relaxed);
-                    }
+                    _ => {}
                 }
             }
         }
@@ -184,10 +206,9 @@ impl Scanner {
                 let region = &self.memory.regions()[r as usize];
                 let window = self.config.prefetch_bytes / region.host_page_size();
                 if let Some(ahead) = self.seq.on_request(r, first + n - 1, window) {
-                    let bits = &self.claims.to_send[r as usize];
                     let pushed = push_ahead(
                         u,
-                        bits,
+                        &self.claims,
                         region,
                         ahead,
                         self.config.max_record_bytes,
@@ -345,6 +366,7 @@ impl Scanner {
         let synced_in = pause_at.elapsed();
         self.send_discards(&sent_once)?;
         self.push_command(Record::Postcopy)?;
+        self.postcopy_end = Some(self.pushed);
         self.push_command(Record::Run)?;
         self.bulk.flush()?;
         let downtime = pause_at.elapsed();

@@ -85,6 +85,22 @@ pub(crate) struct Claims {
 }
 
 impl Claims {
+    /// Claims host page `hp` of region `r` for the urgent channel (false: someone else has).
+    pub fn claim_for_urgent(&self, r: usize, hp: usize) -> bool {
+        let claimed = self.to_send[r].clear(hp);
+        if claimed {
+            // An offset left from an earlier bulk send of this page is not this copy.
+            self.bulk_end[r][hp].store(0, Release);
+        }
+        claimed
+    }
+
+    /// Whether the bulk stream took host page `hp` of region `r` on this connection (as
+    /// opposed to an urgent send, or a connection before a reconnect).
+    pub fn taken_by_bulk(&self, r: usize, hp: usize) -> bool {
+        self.bulk_end[r][hp].load(Acquire) != 0
+    }
+
     /// Is host page `hp` of region `r`, claimed by the bulk stream, still queued in user space
     /// (not yet accepted by the kernel, which has accepted `accepted` bytes of this connection)?
     pub fn stuck_in_bulk_queue(&self, r: usize, hp: usize, accepted: u64) -> bool {
@@ -182,5 +198,47 @@ impl Finish {
             2 => Some(true),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{Backing, RegionSpec};
+
+    #[test]
+    fn who_took_a_page_decides_whether_a_request_rescues_it() {
+        let mem = GuestMemory::allocate(&[RegionSpec {
+            name: "ram".into(),
+            size: 16 * 4096,
+            backing: Backing::Anonymous,
+        }])
+        .unwrap();
+        let c = Claims::new(&mem);
+        // The bulk stream claims page 1 (u64::MAX until queued, then its record's end).
+        assert!(c.to_send[0].clear(1));
+        c.bulk_end[0][1].store(u64::MAX, Release);
+        assert!(c.taken_by_bulk(0, 1) && c.stuck_in_bulk_queue(0, 1, 0));
+        c.bulk_end[0][1].store(8192, Release);
+        assert!(c.stuck_in_bulk_queue(0, 1, 4096) && !c.stuck_in_bulk_queue(0, 1, 8192));
+        assert!(
+            c.taken_by_bulk(0, 1),
+            "still on its way behind bulk data: rescue"
+        );
+        assert!(!c.claim_for_urgent(0, 1), "claimed once only");
+
+        // An urgent claim (a request or a push-ahead) forgets an older bulk send of the page.
+        c.to_send[0].set(2);
+        c.bulk_end[0][2].store(4096, Release);
+        assert!(c.claim_for_urgent(0, 2));
+        assert!(
+            !c.taken_by_bulk(0, 2),
+            "already sent urgently: no second copy"
+        );
+        assert!(!c.claim_for_urgent(0, 2));
+
+        // After a reconnect nothing counts as taken by this connection's bulk stream.
+        c.reset_bulk_offsets();
+        assert!(!c.taken_by_bulk(0, 1));
     }
 }

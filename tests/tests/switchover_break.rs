@@ -1,0 +1,93 @@
+//! A link that breaks during switchover, after the source paused its guest but before the
+//! `Postcopy` record could reach the destination: the destination can never run the guest, so
+//! the source must resume it (and say so) instead of leaving it paused or reconnecting into a
+//! destination that gave up. The destination fails as in any precopy break, without running
+//! its guest.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use migrate_core::dirty::UffdWpDirtyLog;
+use migrate_core::workload::{Access, SourceWorkload};
+use migrate_core::{Destination, MigrateError, Mode, Source, SourceControl};
+use migrate_tests::{loopback_listener, memory, test_dest_config, Case};
+
+/// Pauses the guest like a VMM, then cuts the link before anything of the switchover is sent.
+struct BreakAtPause<'a> {
+    source: &'a Source,
+    guest: SourceWorkload,
+    paused: bool,
+    resumed: bool,
+}
+
+impl SourceControl for BreakAtPause<'_> {
+    fn pause(&mut self) -> Result<(), String> {
+        self.guest.pause();
+        self.paused = true;
+        self.source.interrupt_link();
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.guest.resume();
+        self.resumed = true;
+        Ok(())
+    }
+}
+
+#[test]
+fn break_before_postcopy_resumes_the_source_guest() {
+    let case = Case::small(Mode::PreemptFull, Access::Random);
+    let src_mem = Arc::new(memory(&case));
+    let dst_mem = Arc::new(memory(&case));
+    let (listener, ep) = loopback_listener();
+    let dest = Destination::new(dst_mem.clone(), test_dest_config());
+    let ran_here = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dest = {
+        let ran = ran_here.clone();
+        std::thread::spawn(move || {
+            let mut run = move || ran.store(true, SeqCst);
+            dest.accept(&listener, &mut run)
+        })
+    };
+
+    let mut cfg = case.source_config();
+    cfg.reconnect.retries = 3;
+    let source = Source::new(src_mem.clone(), cfg);
+    let mut control = BreakAtPause {
+        source: &source,
+        guest: SourceWorkload::start(src_mem.clone(), 2, Access::Random, 20_000),
+        paused: false,
+        resumed: false,
+    };
+    let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
+    let err = source
+        .migrate(&ep, &mut dirty, &mut control)
+        .expect_err("a migration whose link broke at switchover succeeded");
+
+    assert!(control.paused, "the switchover was never reached");
+    assert!(control.resumed, "the source guest was left paused: {err}");
+    assert!(
+        matches!(&err, MigrateError::Cancelled(m) if m.contains("the guest runs here again")),
+        "{err}"
+    );
+    // Running again: it keeps writing (and dirty tracking was released, so writes don't block).
+    let w0 = control.guest.writes.load(SeqCst);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        control.guest.writes.load(SeqCst) > w0,
+        "the resumed guest does not run"
+    );
+    control.guest.pause();
+
+    let dest = dest.join().expect("destination thread");
+    assert!(
+        dest.is_err(),
+        "the destination completed a broken migration"
+    );
+    assert!(
+        !ran_here.load(SeqCst),
+        "the destination ran the guest although it never got Postcopy"
+    );
+}
