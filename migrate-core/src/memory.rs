@@ -585,32 +585,34 @@ impl GuestRegion {
     /// Drop the pages of `[offset, offset+len)` (`MADV_DONTNEED`; host-page aligned): they read
     /// as zero and fault again (so a userfaultfd MISSING registration sees them again).
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
-        self.check_aligned(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        madvise(
-            self.base + offset,
-            len,
-            libc::MADV_DONTNEED,
-            "madvise(MADV_DONTNEED)",
-        )
+        self.advise(offset, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
     }
 
     /// Allocate the pages of `[offset, offset+len)` for writing in one syscall
     /// (`MADV_POPULATE_WRITE`; host-page aligned), instead of one page fault per page when they
     /// are first written. Existing contents are kept.
     pub fn populate_write(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
-        self.check_aligned(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        madvise(
-            self.base + offset,
+        self.advise(
+            offset,
             len,
             libc::MADV_POPULATE_WRITE,
             "madvise(MADV_POPULATE_WRITE)",
         )
+    }
+
+    /// `madvise` on a host-page-aligned range of this region (nothing for an empty one).
+    fn advise(
+        &self,
+        offset: usize,
+        len: usize,
+        advice: libc::c_int,
+        op: &'static str,
+    ) -> Result<(), MemoryError> {
+        self.check_aligned(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        madvise(self.base + offset, len, advice, op)
     }
 
     /// Whether the host page containing `offset` is present in memory (`mincore`).
