@@ -352,6 +352,7 @@ fn measure_floor(args: &DemoArgs, bulk: BulkMode, show: bool) -> Result<FloorOut
         warmup: (requests / 20).max(10),
         bulk,
         vcpus: 1,
+        placement: args.placement.floor_placement()?,
     };
     let out = floor::run(&cfg).with_context(|| format!("floor (bulk {})", bulk.name()));
     bar.finish_and_clear();

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use clap::ValueEnum;
 use migrate_core::memory::GuestRegion;
+use migrate_core::sched::Placement;
 use migrate_core::stats::LatencyHistogram;
 use migrate_core::uffd::{feature, Event, RegisterMode, Userfaultfd};
 use migrate_core::{Backing, RegionSpec};
@@ -58,6 +59,10 @@ pub struct FloorConfig {
     pub warmup: u64,
     pub bulk: BulkMode,
     pub vcpus: usize,
+    /// Where the emulator's request path (fault, responder, receiver threads) and its bulk
+    /// threads run, and the request path's priority: as the engine's, so the floor is like
+    /// for like.
+    pub placement: Placement,
 }
 
 /// What a floor run measured.
@@ -114,6 +119,9 @@ impl FloorOutcome {
                 "bulk": c.bulk.name(),
                 "vcpus": c.vcpus,
                 "bulk_gbps": gbps(self.bulk_bytes, ms),
+                "urgent_cpus": c.placement.urgent_cpus,
+                "bulk_cpus": c.placement.bulk_cpus,
+                "urgent_priority": c.placement.urgent_priority,
             }),
             source: None,
             dest: None,
@@ -217,11 +225,39 @@ fn spawn(
     shared: &Arc<Shared>,
     f: impl FnOnce(&Shared) -> Result<()> + Send + 'static,
 ) -> Result<JoinHandle<()>> {
+    spawn_as(Role::Other, name, shared, f)
+}
+
+/// Which part of the emulator a thread plays, for its placement.
+enum Role<'a> {
+    Other,
+    /// The request path: placed (and prioritised) like the engine's urgent path.
+    Urgent(&'a Placement),
+    /// The bulk stream: placed like the engine's bulk threads.
+    Bulk(&'a Placement),
+}
+
+fn spawn_as(
+    role: Role<'_>,
+    name: &str,
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&Shared) -> Result<()> + Send + 'static,
+) -> Result<JoinHandle<()>> {
     let shared = shared.clone();
     let what = name.to_string();
+    let place: Option<(Placement, bool)> = match role {
+        Role::Other => None,
+        Role::Urgent(p) => Some((p.clone(), true)),
+        Role::Bulk(p) => Some((p.clone(), false)),
+    };
     std::thread::Builder::new()
         .name(format!("floor-{name}"))
         .spawn(move || {
+            match &place {
+                Some((p, true)) => p.enter_urgent(&what),
+                Some((p, false)) => p.enter_bulk(&what),
+                None => {}
+            }
             if let Err(e) = f(&shared) {
                 if !shared.stop.load(SeqCst) {
                     shared.fail(&what, e);
@@ -295,68 +331,78 @@ pub fn run(config: &FloorConfig) -> Result<FloorOutcome> {
     // Destination fault thread: event → request, no hand-off.
     {
         let mut out = req_dst.try_clone()?;
-        threads.push(spawn("fault", &shared, move |sh| {
-            let mut events = Vec::with_capacity(64);
-            let mut buf = Vec::with_capacity(64 * 16);
-            while !sh.stop.load(Relaxed) {
-                if !sh.uffd.wait(None, Some(Duration::from_millis(50)))? {
-                    continue;
-                }
-                events.clear();
-                sh.uffd.read_events(&mut events, 64)?;
-                let now = sh.now_ns();
-                buf.clear();
-                for ev in &events {
-                    if let Event::PageFault { addr, .. } = *ev {
-                        let offset = (addr - sh.region.base_addr()) / page * page;
-                        buf.extend_from_slice(&header(offset as u64, now));
+        threads.push(spawn_as(
+            Role::Urgent(&config.placement),
+            "fault",
+            &shared,
+            move |sh| {
+                let mut events = Vec::with_capacity(64);
+                let mut buf = Vec::with_capacity(64 * 16);
+                while !sh.stop.load(Relaxed) {
+                    if !sh.uffd.wait(None, Some(Duration::from_millis(50)))? {
+                        continue;
                     }
+                    events.clear();
+                    sh.uffd.read_events(&mut events, 64)?;
+                    let now = sh.now_ns();
+                    buf.clear();
+                    for ev in &events {
+                        if let Event::PageFault { addr, .. } = *ev {
+                            let offset = (addr - sh.region.base_addr()) / page * page;
+                            buf.extend_from_slice(&header(offset as u64, now));
+                        }
+                    }
+                    out.write_all(&buf).context("sending a request")?;
                 }
-                out.write_all(&buf).context("sending a request")?;
-            }
-            Ok(())
-        })?);
+                Ok(())
+            },
+        )?);
     }
 
     // Destination receiver: replies (and bulk chunks on a shared connection) → UFFDIO_COPY.
     {
         let mut input = req_dst.try_clone()?;
-        threads.push(spawn("receiver", &shared, move |sh| {
-            let mut page_buf = vec![0u8; page];
-            let mut drain = vec![0u8; BULK_CHUNK];
-            let mut h = [0u8; 16];
-            loop {
-                if input.read_exact(&mut h).is_err() {
-                    return Ok(());
-                }
-                let (offset, token) = parse_header(&h);
-                if offset == BULK_MARK {
-                    if token as usize > drain.len() {
-                        return Err(anyhow!("bulk chunk of {token} bytes is too large"));
+        threads.push(spawn_as(
+            Role::Urgent(&config.placement),
+            "receiver",
+            &shared,
+            move |sh| {
+                let mut page_buf = vec![0u8; page];
+                let mut drain = vec![0u8; BULK_CHUNK];
+                let mut h = [0u8; 16];
+                loop {
+                    if input.read_exact(&mut h).is_err() {
+                        return Ok(());
                     }
-                    input.read_exact(&mut drain[..token as usize])?;
-                    if sh.measuring.load(Relaxed) {
-                        sh.bulk_bytes.fetch_add(token, Relaxed);
+                    let (offset, token) = parse_header(&h);
+                    if offset == BULK_MARK {
+                        if token as usize > drain.len() {
+                            return Err(anyhow!("bulk chunk of {token} bytes is too large"));
+                        }
+                        input.read_exact(&mut drain[..token as usize])?;
+                        if sh.measuring.load(Relaxed) {
+                            sh.bulk_bytes.fetch_add(token, Relaxed);
+                        }
+                        continue;
                     }
-                    continue;
+                    input.read_exact(&mut page_buf)?;
+                    let dst = sh.region.base_addr() + offset as usize;
+                    sh.uffd
+                        .copy(dst, &page_buf, page, true)
+                        .context("UFFDIO_COPY")?;
+                    let placed = sh.now_ns();
+                    let n = sh.placed.fetch_add(1, Relaxed);
+                    if n >= sh.warmup {
+                        sh.hist
+                            .record(Duration::from_nanos(placed.saturating_sub(token)));
+                        sh.reply_bytes.fetch_add(page as u64, Relaxed);
+                    } else if n + 1 == sh.warmup {
+                        sh.measure_start_ns.store(sh.now_ns(), Relaxed);
+                        sh.measuring.store(true, Relaxed);
+                    }
                 }
-                input.read_exact(&mut page_buf)?;
-                let dst = sh.region.base_addr() + offset as usize;
-                sh.uffd
-                    .copy(dst, &page_buf, page, true)
-                    .context("UFFDIO_COPY")?;
-                let placed = sh.now_ns();
-                let n = sh.placed.fetch_add(1, Relaxed);
-                if n >= sh.warmup {
-                    sh.hist
-                        .record(Duration::from_nanos(placed.saturating_sub(token)));
-                    sh.reply_bytes.fetch_add(page as u64, Relaxed);
-                } else if n + 1 == sh.warmup {
-                    sh.measure_start_ns.store(sh.now_ns(), Relaxed);
-                    sh.measuring.store(true, Relaxed);
-                }
-            }
-        })?);
+            },
+        )?);
     }
     if config.warmup == 0 {
         shared.measure_start_ns.store(shared.now_ns(), Relaxed);
@@ -371,24 +417,29 @@ pub fn run(config: &FloorConfig) -> Result<FloorOutcome> {
         let mut out = req_src.try_clone()?;
         let src_mem = src_mem.clone();
         let via_bulk = config.bulk == BulkMode::Same;
-        threads.push(spawn("source", &shared, move |_sh| {
-            let mut h = [0u8; 16];
-            loop {
-                if input.read_exact(&mut h).is_err() {
-                    return Ok(());
-                }
-                let (offset, token) = parse_header(&h);
-                if via_bulk {
-                    if reply_tx.send((offset, token)).is_err() {
+        threads.push(spawn_as(
+            Role::Urgent(&config.placement),
+            "source",
+            &shared,
+            move |_sh| {
+                let mut h = [0u8; 16];
+                loop {
+                    if input.read_exact(&mut h).is_err() {
                         return Ok(());
                     }
-                    continue;
+                    let (offset, token) = parse_header(&h);
+                    if via_bulk {
+                        if reply_tx.send((offset, token)).is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    let off = offset as usize;
+                    write_all_vectored(&mut out, &[&h, &src_mem[off..off + page]])
+                        .context("sending a reply")?;
                 }
-                let off = offset as usize;
-                write_all_vectored(&mut out, &[&h, &src_mem[off..off + page]])
-                    .context("sending a reply")?;
-            }
-        })?);
+            },
+        )?);
     }
 
     // Bulk stream.
@@ -397,44 +448,59 @@ pub fn run(config: &FloorConfig) -> Result<FloorOutcome> {
         BulkMode::Separate => {
             let (mut d, mut s) = bulk_pair.expect("made for Separate");
             let src_mem = src_mem.clone();
-            threads.push(spawn("bulk-sender", &shared, move |sh| {
-                let chunk = &src_mem[..BULK_CHUNK.min(src_mem.len())];
-                while !sh.stop.load(Relaxed) {
-                    s.write_all(chunk)?;
-                }
-                Ok(())
-            })?);
-            threads.push(spawn("bulk-receiver", &shared, move |sh| {
-                let mut buf = vec![0u8; BULK_CHUNK];
-                loop {
-                    let n = d.read(&mut buf)?;
-                    if n == 0 {
-                        return Ok(());
+            threads.push(spawn_as(
+                Role::Bulk(&config.placement),
+                "bulk-sender",
+                &shared,
+                move |sh| {
+                    let chunk = &src_mem[..BULK_CHUNK.min(src_mem.len())];
+                    while !sh.stop.load(Relaxed) {
+                        s.write_all(chunk)?;
                     }
-                    if sh.measuring.load(Relaxed) {
-                        sh.bulk_bytes.fetch_add(n as u64, Relaxed);
+                    Ok(())
+                },
+            )?);
+            threads.push(spawn_as(
+                Role::Bulk(&config.placement),
+                "bulk-receiver",
+                &shared,
+                move |sh| {
+                    let mut buf = vec![0u8; BULK_CHUNK];
+                    loop {
+                        let n = d.read(&mut buf)?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        if sh.measuring.load(Relaxed) {
+                            sh.bulk_bytes.fetch_add(n as u64, Relaxed);
+                        }
                     }
-                }
-            })?);
+                },
+            )?);
         }
         BulkMode::Same => {
             let mut out = req_src.try_clone()?;
             let src_mem = src_mem.clone();
-            threads.push(spawn("bulk-sender", &shared, move |sh| {
-                let len = BULK_CHUNK.min(src_mem.len());
-                let bulk_header = header(BULK_MARK, len as u64);
-                while !sh.stop.load(Relaxed) {
-                    while let Ok((offset, token)) = reply_rx.try_recv() {
-                        let off = offset as usize;
-                        write_all_vectored(
-                            &mut out,
-                            &[&header(offset, token), &src_mem[off..off + page]],
-                        )?;
+            threads.push(spawn_as(
+                Role::Bulk(&config.placement),
+                "bulk-sender",
+                &shared,
+                move |sh| {
+                    let len = BULK_CHUNK.min(src_mem.len());
+                    let bulk_header = header(BULK_MARK, len as u64);
+                    while !sh.stop.load(Relaxed) {
+                        while let Ok((offset, token)) = reply_rx.try_recv() {
+                            let off = offset as usize;
+                            write_all_vectored(
+                                &mut out,
+                                &[&header(offset, token), &src_mem[off..off + page]],
+                            )?;
+                        }
+                        write_all_vectored(&mut out, &[&bulk_header, &src_mem[..len]])?;
                     }
-                    write_all_vectored(&mut out, &[&bulk_header, &src_mem[..len]])?;
-                }
-                Ok(())
-            })?);
+                    Ok(())
+                },
+            )?);
         }
     }
 

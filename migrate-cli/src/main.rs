@@ -79,6 +79,9 @@ struct FloorArgs {
     /// Faulting threads.
     #[arg(long, default_value_t = 1)]
     vcpus: usize,
+    /// Placement of the request path and the bulk stream (as for `source` and `dest`).
+    #[command(flatten)]
+    placement: migrate::CpuPlacement,
     #[arg(long)]
     json: bool,
 }
@@ -115,6 +118,7 @@ fn run(cli: Cli) -> Result<Output> {
                 warmup: a.warmup.unwrap_or((requests / 20).max(10)),
                 bulk: a.bulk,
                 vcpus: a.vcpus.max(1),
+                placement: a.placement.floor_placement()?,
             };
             single(floor::run(&cfg)?.report(), a.json)
         }

@@ -190,6 +190,18 @@ impl CpuPlacement {
         Ok(())
     }
 
+    /// The placement as the floor emulator applies it (the engine's default priority unless
+    /// `--no-realtime`).
+    pub fn floor_placement(&self) -> Result<migrate_core::sched::Placement> {
+        let mut c = DestConfig::default();
+        self.apply_dest(&mut c)?;
+        Ok(migrate_core::sched::Placement {
+            urgent_cpus: c.urgent_cpus,
+            bulk_cpus: c.bulk_cpus,
+            urgent_priority: c.urgent_priority,
+        })
+    }
+
     pub fn apply_source(&self, c: &mut SourceConfig) -> Result<()> {
         self.apply(&mut c.urgent_cpus, &mut c.bulk_cpus, &mut c.urgent_priority)
     }

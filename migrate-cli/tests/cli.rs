@@ -171,6 +171,21 @@ fn floor_json() {
     assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{l}");
     assert_eq!(v["floor_us"]["p50"], l["p50"]);
     assert_eq!(v["bytes"]["urgent"], 300 * 4096);
+    // The request path is placed like the engine's urgent path.
+    assert_eq!(v["settings"]["urgent_priority"], 10, "{v}");
+
+    let o = run(&[
+        "floor",
+        "--json",
+        "--requests",
+        "50",
+        "--urgent-cpus",
+        "0",
+        "--no-realtime",
+    ]);
+    let s = &json(&o)["settings"];
+    assert_eq!(s["urgent_cpus"], serde_json::json!([0]), "{s}");
+    assert_eq!(s["urgent_priority"], Value::Null, "{s}");
 }
 
 #[test]
