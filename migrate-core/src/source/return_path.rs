@@ -75,6 +75,11 @@ impl ReturnPath {
                     // Coalesce only requests that already arrived; never wait for more.
                     if self.reader.buffered() < RETURN_HEADER_LEN {
                         self.flush_urgent()?;
+                        if self.urgent.is_some() {
+                            // Pacing the bulk socket (a setsockopt that may wait for the bulk
+                            // sender's socket lock) only once the pages are out.
+                            self.pacer.on_request();
+                        }
                     }
                 }
                 ReturnMsg::Done { verified } => {
@@ -118,7 +123,6 @@ impl ReturnPath {
             self.scanner_waker.wake();
             return Ok(());
         };
-        self.pacer.on_request();
         let r = region as usize;
         let accepted = self.bulk_stats.bytes.load(Relaxed);
         for hp in first..first + n {

@@ -167,7 +167,6 @@ impl Scanner {
                         if !claimed {
                             counters.rescued_pages.fetch_add(1, Relaxed);
                         }
-                        self.pacer.on_request();
                         push_run(
                             u,
                             Run {
@@ -222,6 +221,8 @@ impl Scanner {
             Some(u) => {
                 u.flush()?;
                 u.poll()?;
+                // Pacing the bulk socket may take its lock: only once the pages are out.
+                self.pacer.on_request();
             }
             None => self.bulk.flush()?,
         }
