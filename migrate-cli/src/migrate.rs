@@ -179,7 +179,12 @@ impl CpuPlacement {
             ("--bulk-cpus", &self.bulk_cpus, bulk),
         ] {
             let Some(c) = list else { continue };
-            if let Some(bad) = c.0.iter().find(|c| !allowed.contains(c)) {
+            // (An empty set means the kernel would not say: leave the check to pinning, which
+            // warns when it is refused.)
+            if let Some(bad) =
+                c.0.iter()
+                    .find(|c| !allowed.is_empty() && !allowed.contains(c))
+            {
                 bail!("{flag}: CPU {bad} is not available here (this process may use {allowed:?})");
             }
             field.clone_from(&c.0);
