@@ -1,8 +1,9 @@
-//! A link that breaks during switchover, after the source paused its guest but before the
-//! `Postcopy` record could reach the destination: the destination can never run the guest, so
-//! the source must resume it (and say so) instead of leaving it paused or reconnecting into a
-//! destination that gave up. The destination fails as in any precopy break, without running
-//! its guest.
+//! The point of no return. A link that breaks during switchover, after the source paused its
+//! guest but before the `Postcopy` record could reach the destination: the destination can
+//! never run the guest, so the source must resume it (and say so) instead of leaving it paused
+//! or reconnecting into a destination that gave up; the destination fails as in any precopy
+//! break, without running its guest. A link that breaks after it (twice): the source guest must
+//! never run again; postcopy recovers and completes.
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -90,4 +91,93 @@ fn break_before_postcopy_resumes_the_source_guest() {
         !ran_here.load(SeqCst),
         "the destination ran the guest although it never got Postcopy"
     );
+}
+
+/// The other side of the point of no return: a break right after the switchover (the
+/// destination has `Postcopy` and may be running the guest) must never resume the source
+/// guest; postcopy pauses, reconnects and completes, byte for byte.
+#[test]
+fn break_after_postcopy_never_resumes_the_source_guest() {
+    let case = Case::small(Mode::PreemptFull, Access::Random);
+    let src_mem = Arc::new(memory(&case));
+    migrate_core::workload::fill_initial(&src_mem, 4);
+    let dst_mem = Arc::new(memory(&case));
+    let log = Arc::new(migrate_core::workload::PreWriteLog::new(&dst_mem));
+    let (listener, ep) = loopback_listener();
+    let dest = Destination::new(dst_mem.clone(), test_dest_config())
+        .with_guest_digests(log.clone() as Arc<dyn migrate_core::verify::PreWriteDigests>);
+    let dest = migrate_tests::spawn_dest(dest, listener, dst_mem.clone(), log.clone(), &case);
+
+    let mut cfg = case.source_config();
+    cfg.reconnect.retries = 10;
+    let source = Source::new(src_mem.clone(), cfg);
+    let progress = source.progress();
+    let mut control = BreakAtPause {
+        source: &source,
+        guest: SourceWorkload::start(src_mem.clone(), 2, Access::Random, 20_000),
+        paused: false,
+        resumed: false,
+    };
+    let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
+    let report = std::thread::scope(|s| {
+        // Break twice: as soon as the source is in postcopy, and again once it has reconnected
+        // (a second failure is judged on a new connection, whose offsets start at zero).
+        s.spawn(|| {
+            use migrate_core::source::SourcePhase;
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let wait_for = |want: &dyn Fn(SourcePhase) -> bool| {
+                while !want(progress.phase()) {
+                    if std::time::Instant::now() > deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                true
+            };
+            for _ in 0..2 {
+                if !wait_for(&|p| p == SourcePhase::Postcopy) {
+                    return;
+                }
+                source.interrupt_link();
+                if !wait_for(&|p| p != SourcePhase::Postcopy) {
+                    return;
+                }
+            }
+        });
+        let mut after_pause = AfterPause(&mut control);
+        source.migrate(&ep, &mut dirty, &mut after_pause)
+    });
+    assert!(control.paused);
+    assert!(
+        !control.resumed,
+        "the source guest was resumed after the point of no return"
+    );
+    let report = report.expect("postcopy did not recover from a break after switchover");
+    assert!(report.recoveries >= 1, "the link breaks were not noticed");
+    let dest = dest
+        .join()
+        .expect("destination thread")
+        .expect("destination");
+    migrate_tests::assert_identical(&migrate_tests::Outcome {
+        source: report,
+        dest,
+        src_mem,
+        dst_mem,
+        log,
+    });
+}
+
+/// Pauses without breaking anything (the break comes from the watcher thread).
+struct AfterPause<'c, 'a>(&'c mut BreakAtPause<'a>);
+
+impl SourceControl for AfterPause<'_, '_> {
+    fn pause(&mut self) -> Result<(), String> {
+        self.0.guest.pause();
+        self.0.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.0.resume()
+    }
 }
