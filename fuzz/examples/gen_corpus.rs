@@ -7,7 +7,7 @@ use migrate_core::protocol::handshake::REPLY_HEADER_LEN;
 use migrate_core::protocol::{
     Channel, DiscardEntry, Hello, HelloReply, ProtocolError, Record, ReturnMsg,
 };
-use migrate_fuzz::table;
+use migrate_fuzz::{sample_records, table};
 
 fn write(target: &str, seeds: &[Vec<u8>]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -20,39 +20,9 @@ fn write(target: &str, seeds: &[Vec<u8>]) {
     }
 }
 
-fn records() -> Vec<Record> {
-    vec![
-        Record::Pages {
-            region: 0,
-            offset: 4096,
-            len: 8192,
-        },
-        Record::Pages {
-            region: 1,
-            offset: 2 << 20,
-            len: 2 << 20,
-        },
-        Record::Zero {
-            region: 0,
-            offset: 0,
-            len: 1 << 20,
-        },
-        Record::Discard { count: 3 },
-        Record::Postcopy,
-        Record::Run,
-        Record::Digests {
-            region: 1,
-            offset: 0,
-            count: 4,
-        },
-        Record::End,
-        Record::Ping,
-    ]
-}
-
 fn main() {
     let t = table();
-    let mut seeds: Vec<Vec<u8>> = records().iter().map(|r| r.encode().to_vec()).collect();
+    let mut seeds: Vec<Vec<u8>> = sample_records().iter().map(|r| r.encode().to_vec()).collect();
     let mut past = Record::Pages {
         region: 0,
         offset: 1 << 20,

@@ -529,23 +529,7 @@ pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
-    fn table() -> RegionTable {
-        RegionTable::new(vec![
-            RegionInfo {
-                id: 0,
-                name: "ram".into(),
-                host_page_size: 4096,
-                len: 1 << 20,
-            },
-            RegionInfo {
-                id: 1,
-                name: "huge".into(),
-                host_page_size: 2 << 20,
-                len: 4 << 20,
-            },
-        ])
-        .unwrap()
-    }
+    use super::super::fixtures::sample_table as table;
 
     fn split(bytes: &[u8]) -> ([u8; HELLO_HEADER_LEN], &[u8]) {
         (
@@ -600,7 +584,7 @@ mod tests {
     fn region_mismatch_is_named() {
         let ours = table();
         let mut r = ours.regions().to_vec();
-        r[1].len = 8 << 20;
+        r[1].len = 4 << 20;
         let theirs = RegionTable::new(r).unwrap();
         let e = ours.check_matches(&theirs).unwrap_err();
         assert!(e.to_string().contains("huge"), "{e}");

@@ -7,6 +7,8 @@
 
 pub mod auth;
 mod error;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod handshake;
 pub mod phase;
 pub mod record;

@@ -289,58 +289,15 @@ impl DiscardEntry {
 
 #[cfg(test)]
 mod tests {
-    use super::super::handshake::RegionInfo;
     use super::*;
     use proptest::prelude::*;
 
-    fn table() -> RegionTable {
-        RegionTable::new(vec![
-            RegionInfo {
-                id: 0,
-                name: "ram".into(),
-                host_page_size: 4096,
-                len: 1 << 20,
-            },
-            RegionInfo {
-                id: 1,
-                name: "huge".into(),
-                host_page_size: 2 << 20,
-                len: 8 << 20,
-            },
-        ])
-        .unwrap()
-    }
+    use super::super::fixtures::{sample_records, sample_table as table};
 
     #[test]
     fn round_trips() {
         let t = table();
-        for r in [
-            Record::Pages {
-                region: 0,
-                offset: 4096,
-                len: 8192,
-            },
-            Record::Pages {
-                region: 1,
-                offset: 2 << 20,
-                len: 2 << 20,
-            },
-            Record::Zero {
-                region: 0,
-                offset: 0,
-                len: 1 << 20,
-            },
-            Record::Discard { count: 3 },
-            Record::Postcopy,
-            Record::Run,
-            Record::Digests {
-                region: 1,
-                offset: 0,
-                count: 4,
-            },
-            Record::End,
-            Record::Ping,
-        ] {
+        for r in sample_records() {
             assert_eq!(Record::decode(&r.encode(), &t).unwrap(), r);
         }
     }
