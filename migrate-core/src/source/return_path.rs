@@ -8,7 +8,7 @@ use std::time::Duration;
 use uring_net::{FrameReader, FrameSender, Waker};
 
 use super::pages::{push_ahead, push_run, Run};
-use super::shared::{Claims, Finish, Progress, RequestQueue};
+use super::shared::{Claims, Finish, Progress, RequestQueue, Requested};
 use crate::error::MigrateError;
 use crate::memory::GuestMemory;
 use crate::protocol::{RegionTable, ReturnMsg, RETURN_HEADER_LEN};
@@ -126,23 +126,15 @@ impl ReturnPath {
         let r = region as usize;
         let accepted = self.bulk_stats.bytes.load(Relaxed);
         for hp in first..first + n {
-            if !self.claims.claim_for_urgent(r, hp) {
-                if !self.claims.stuck_in_bulk_queue(r, hp, accepted) {
-                    self.progress
-                        .counters
-                        .requests_already_sent
-                        .fetch_add(1, Relaxed);
+            match self
+                .claims
+                .claim_requested(r, hp, accepted, &self.progress.counters)
+            {
+                Requested::Claimed => {}
+                Requested::InBulkStream => {
+                    self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
                 }
-                if !self.claims.taken_by_bulk(r, hp) {
-                    // Sent on this urgent channel already (requested or pushed ahead): a
-                    // second copy would queue behind the first.
-                    continue;
-                }
-                // The bulk stream took it first, and the destination does not have it yet: it
-                // waits in the bulk sender's queue, the kernel's, or the destination's receive
-                // buffer, behind up to a few hundred KiB of bulk data. Send it here anyway (a
-                // rescue; the destination keeps whichever copy arrives first).
-                self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
+                Requested::SentUrgently => continue,
             }
             push_run(
                 urgent,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use uring_net::FrameSender;
 
 use super::pages::{push_ahead, push_frame, push_run, BulkOffsets, Run};
-use super::shared::{Claims, Finish, Progress, RequestQueue, SourcePhase};
+use super::shared::{Claims, Finish, Progress, RequestQueue, Requested, SourcePhase};
 use super::SourceControl;
 use crate::bitmap::AtomicBitmap;
 use crate::config::{Mode, SourceConfig};
@@ -149,22 +149,13 @@ impl Scanner {
         let accepted = self.bulk.accepted_bytes();
         for &(r, first, n) in &reqs {
             let region = &self.memory.regions()[r as usize];
-            let (ri, bits) = (r as usize, &self.claims.to_send[r as usize]);
+            let ri = r as usize;
             for hp in first..first + n {
-                let claimed = match self.urgent {
-                    Some(_) => self.claims.claim_for_urgent(ri, hp),
-                    None => bits.clear(hp),
-                };
-                if !claimed && !self.claims.stuck_in_bulk_queue(ri, hp, accepted) {
-                    counters.requests_already_sent.fetch_add(1, Relaxed);
-                }
-                match self.urgent.as_mut() {
-                    // Preempt: the page goes on the urgent channel, also when the bulk stream
-                    // took it first (a rescue: it is still queued behind bulk data somewhere,
-                    // and the destination skips whichever copy arrives second). A page already
-                    // sent urgently is not sent again behind itself.
-                    Some(u) if claimed || self.claims.taken_by_bulk(ri, hp) => {
-                        if !claimed {
+                let requested = self.claims.claim_requested(ri, hp, accepted, counters);
+                match (self.urgent.as_mut(), requested) {
+                    // Preempt: the page goes on the urgent channel, also as a rescue.
+                    (Some(u), Requested::Claimed | Requested::InBulkStream) => {
+                        if requested == Requested::InBulkStream {
                             counters.rescued_pages.fetch_add(1, Relaxed);
                         }
                         push_run(
@@ -180,8 +171,8 @@ impl Scanner {
                             None,
                         )?
                     }
-                    // Vanilla: next on the bulk stream.
-                    None if claimed => push_run(
+                    // Vanilla: next on the bulk stream (a page it already took stays there).
+                    (None, Requested::Claimed) => push_run(
                         &mut self.bulk,
                         Run {
                             region,

@@ -74,6 +74,20 @@ impl Progress {
     }
 }
 
+/// What a request finds when it claims its page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Requested {
+    /// Nobody had sent it: the request's sender sends it now.
+    Claimed,
+    /// The bulk stream took it first and it is still on its way behind bulk data (in the
+    /// sender's queue, the kernel's, or the destination's receive buffer): an urgent channel
+    /// sends it again (a rescue; the destination keeps whichever copy arrives first).
+    InBulkStream,
+    /// Already sent on the urgent channel (an earlier request or a push-ahead): a second copy
+    /// would only queue behind the first.
+    SentUrgently,
+}
+
 /// Claim bits: bit set = the host page still has to be sent. Whoever clears it sends it.
 pub(crate) struct Claims {
     pub to_send: Vec<AtomicBitmap>,
@@ -99,6 +113,28 @@ impl Claims {
     /// opposed to an urgent send, or a connection before a reconnect).
     pub fn taken_by_bulk(&self, r: usize, hp: usize) -> bool {
         self.bulk_end[r][hp].load(Acquire) != 0
+    }
+
+    /// Who sends a requested host page (the kernel has accepted `accepted` bytes of the bulk
+    /// stream so far). Counts requests for pages already handed to the kernel.
+    pub fn claim_requested(
+        &self,
+        r: usize,
+        hp: usize,
+        accepted: u64,
+        counters: &crate::stats::Counters,
+    ) -> Requested {
+        if self.claim_for_urgent(r, hp) {
+            return Requested::Claimed;
+        }
+        if !self.stuck_in_bulk_queue(r, hp, accepted) {
+            counters.requests_already_sent.fetch_add(1, Relaxed);
+        }
+        if self.taken_by_bulk(r, hp) {
+            Requested::InBulkStream
+        } else {
+            Requested::SentUrgently
+        }
     }
 
     /// Is host page `hp` of region `r`, claimed by the bulk stream, still queued in user space
@@ -237,8 +273,35 @@ mod tests {
         );
         assert!(!c.claim_for_urgent(0, 2));
 
+        // A request sorts pages the same way, counting those the kernel already had.
+        let counters = crate::stats::Counters::default();
+        c.to_send[0].set(3);
+        assert_eq!(c.claim_requested(0, 3, 0, &counters), Requested::Claimed);
+        assert_eq!(
+            c.claim_requested(0, 3, 0, &counters),
+            Requested::SentUrgently
+        );
+        assert_eq!(
+            c.claim_requested(0, 1, 4096, &counters),
+            Requested::InBulkStream
+        );
+        assert_eq!(
+            counters.requests_already_sent.load(Relaxed),
+            1,
+            "page 3 only"
+        );
+        assert_eq!(
+            c.claim_requested(0, 1, 8192, &counters),
+            Requested::InBulkStream
+        );
+        assert_eq!(counters.requests_already_sent.load(Relaxed), 2);
+
         // After a reconnect nothing counts as taken by this connection's bulk stream.
         c.reset_bulk_offsets();
         assert!(!c.taken_by_bulk(0, 1));
+        assert_eq!(
+            c.claim_requested(0, 1, 0, &counters),
+            Requested::SentUrgently
+        );
     }
 }
