@@ -22,6 +22,18 @@ struct BreakAtPause<'a> {
     resumed: bool,
 }
 
+impl<'a> BreakAtPause<'a> {
+    /// A running source guest (2 vCPUs dirtying random pages) controlled for `source`.
+    fn new(source: &'a Source, memory: &Arc<migrate_core::GuestMemory>) -> Self {
+        Self {
+            source,
+            guest: SourceWorkload::start(memory.clone(), 2, Access::Random, 20_000),
+            paused: false,
+            resumed: false,
+        }
+    }
+}
+
 impl SourceControl for BreakAtPause<'_> {
     fn pause(&mut self) -> Result<(), String> {
         self.guest.pause();
@@ -56,12 +68,7 @@ fn break_before_postcopy_resumes_the_source_guest() {
     let mut cfg = case.source_config();
     cfg.reconnect.retries = 3;
     let source = Source::new(src_mem.clone(), cfg);
-    let mut control = BreakAtPause {
-        source: &source,
-        guest: SourceWorkload::start(src_mem.clone(), 2, Access::Random, 20_000),
-        paused: false,
-        resumed: false,
-    };
+    let mut control = BreakAtPause::new(&source, &src_mem);
     let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
     let err = source
         .migrate(&ep, &mut dirty, &mut control)
@@ -112,12 +119,7 @@ fn break_after_postcopy_never_resumes_the_source_guest() {
     cfg.reconnect.retries = 10;
     let source = Source::new(src_mem.clone(), cfg);
     let progress = source.progress();
-    let mut control = BreakAtPause {
-        source: &source,
-        guest: SourceWorkload::start(src_mem.clone(), 2, Access::Random, 20_000),
-        paused: false,
-        resumed: false,
-    };
+    let mut control = BreakAtPause::new(&source, &src_mem);
     let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
     let report = std::thread::scope(|s| {
         // Break twice: as soon as the source is in postcopy, and again once it has reconnected
