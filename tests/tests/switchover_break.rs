@@ -100,11 +100,107 @@ fn break_before_postcopy_resumes_the_source_guest() {
     );
 }
 
-/// The other side of the point of no return: a break right after the switchover (the
-/// destination has `Postcopy` and may be running the guest) must never resume the source
-/// guest; postcopy pauses, reconnects and completes, byte for byte.
+/// The other side of the point of no return: a break once the destination runs the guest
+/// must never resume the source guest; postcopy pauses, reconnects and completes, byte for
+/// byte. Broken twice: once the destination runs, and again once the source reconnected (a
+/// second failure is judged on a new connection, whose offsets start at zero).
 #[test]
 fn break_after_postcopy_never_resumes_the_source_guest() {
+    let outcome = break_during_switchover(BreakAt::DestRunning);
+    assert!(
+        !outcome.resumed,
+        "the source guest was resumed after the point of no return: {:?}",
+        outcome.source.as_ref().err()
+    );
+    let report = outcome
+        .source
+        .expect("postcopy did not recover from a break after switchover");
+    assert!(report.recoveries >= 1, "the link breaks were not noticed");
+    let dest = outcome
+        .dest
+        .expect("the destination failed after running the guest");
+    migrate_tests::assert_identical(&migrate_tests::Outcome {
+        source: report,
+        dest,
+        src_mem: outcome.src_mem,
+        dst_mem: outcome.dst_mem,
+        log: outcome.log,
+    });
+}
+
+/// Breaks anywhere in the switchover window, from right after the pause to well after the
+/// `Postcopy` record left: whichever side of the point of no return the break lands on, both
+/// ends must agree. Either the source guest runs again and the destination never ran it, or
+/// the source guest stays paused and postcopy recovers and completes identical; never both
+/// guests running, never neither.
+#[test]
+fn a_break_anywhere_in_the_switchover_ends_consistently() {
+    let delays = [0u64, 20, 50, 100, 200, 300, 600, 1_000, 3_000];
+    let mut resumed = 0;
+    for &us in &delays {
+        let outcome = break_during_switchover(BreakAt::AfterPause(Duration::from_micros(us)));
+        if outcome.resumed {
+            resumed += 1;
+            let err = outcome
+                .source
+                .expect_err("resumed the guest yet reported success");
+            assert!(
+                matches!(&err, MigrateError::Cancelled(m) if m.contains("the guest runs here again")),
+                "break {us} µs after the pause: {err}"
+            );
+            assert!(
+                outcome.dest.is_err(),
+                "break {us} µs after the pause: both guests ran (source resumed, destination completed)"
+            );
+            assert_eq!(
+                outcome.dest_phase, "precopy",
+                "break {us} µs after the pause: the source resumed its guest, but the destination got the switchover"
+            );
+        } else {
+            let report = outcome.source.unwrap_or_else(|e| {
+                panic!("break {us} µs after the pause: the source kept its guest paused, but postcopy did not complete: {e}")
+            });
+            let dest = outcome.dest.unwrap_or_else(|e| {
+                panic!("break {us} µs after the pause: the destination failed: {e}")
+            });
+            migrate_tests::assert_identical(&migrate_tests::Outcome {
+                source: report,
+                dest,
+                src_mem: outcome.src_mem,
+                dst_mem: outcome.dst_mem,
+                log: outcome.log,
+            });
+        }
+    }
+    println!(
+        "{resumed} of {} breaks landed before the point of no return",
+        delays.len()
+    );
+}
+
+/// When the watcher cuts the link.
+#[derive(Clone, Copy)]
+enum BreakAt {
+    /// Once the destination runs the guest (and again after the source reconnected).
+    DestRunning,
+    /// This long after the source paused its guest.
+    AfterPause(Duration),
+}
+
+/// What one migration with a break at switchover ended with.
+struct BreakOutcome {
+    source: Result<migrate_core::SourceReport, MigrateError>,
+    dest: Result<migrate_core::DestReport, MigrateError>,
+    /// The destination's phase at the end ("precopy": it never had the guest).
+    dest_phase: &'static str,
+    resumed: bool,
+    src_mem: Arc<migrate_core::GuestMemory>,
+    dst_mem: Arc<migrate_core::GuestMemory>,
+    log: Arc<migrate_core::workload::PreWriteLog>,
+}
+
+fn break_during_switchover(at: BreakAt) -> BreakOutcome {
+    use migrate_core::source::SourcePhase;
     let case = Case::small(Mode::PreemptFull, Access::Random);
     let src_mem = Arc::new(memory(&case));
     migrate_core::workload::fill_initial(&src_mem, 4);
@@ -113,6 +209,7 @@ fn break_after_postcopy_never_resumes_the_source_guest() {
     let (listener, ep) = loopback_listener();
     let dest = Destination::new(dst_mem.clone(), test_dest_config())
         .with_guest_digests(log.clone() as Arc<dyn migrate_core::verify::PreWriteDigests>);
+    let watch = dest.watch();
     let dest = migrate_tests::spawn_dest(dest, listener, dst_mem.clone(), log.clone(), &case);
 
     let mut cfg = case.source_config();
@@ -122,51 +219,52 @@ fn break_after_postcopy_never_resumes_the_source_guest() {
     let mut control = BreakAtPause::new(&source, &src_mem);
     let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
     let report = std::thread::scope(|s| {
-        // Break twice: as soon as the source is in postcopy, and again once it has reconnected
-        // (a second failure is judged on a new connection, whose offsets start at zero).
         s.spawn(|| {
-            use migrate_core::source::SourcePhase;
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            let wait_for = |want: &dyn Fn(SourcePhase) -> bool| {
-                while !want(progress.phase()) {
+            let wait_for = |want: &dyn Fn() -> bool| {
+                while !want() {
                     if std::time::Instant::now() > deadline {
                         return false;
                     }
-                    std::thread::sleep(Duration::from_micros(100));
+                    std::thread::sleep(Duration::from_micros(20));
                 }
                 true
             };
-            for _ in 0..2 {
-                if !wait_for(&|p| p == SourcePhase::Postcopy) {
-                    return;
+            match at {
+                BreakAt::AfterPause(d) => {
+                    if wait_for(&|| progress.phase() == SourcePhase::Switchover) {
+                        std::thread::sleep(d);
+                        source.interrupt_link();
+                    }
                 }
-                source.interrupt_link();
-                if !wait_for(&|p| p != SourcePhase::Postcopy) {
-                    return;
+                BreakAt::DestRunning => {
+                    let running = || watch.snapshot().phase == "postcopy-running";
+                    let in_postcopy = || progress.phase() == SourcePhase::Postcopy;
+                    if !wait_for(&|| running() && in_postcopy()) {
+                        return;
+                    }
+                    source.interrupt_link();
+                    if wait_for(&|| !in_postcopy()) && wait_for(&in_postcopy) {
+                        source.interrupt_link();
+                    }
                 }
             }
         });
         let mut after_pause = AfterPause(&mut control);
         source.migrate(&ep, &mut dirty, &mut after_pause)
     });
-    assert!(control.paused);
-    assert!(
-        !control.resumed,
-        "the source guest was resumed after the point of no return"
-    );
-    let report = report.expect("postcopy did not recover from a break after switchover");
-    assert!(report.recoveries >= 1, "the link breaks were not noticed");
-    let dest = dest
-        .join()
-        .expect("destination thread")
-        .expect("destination");
-    migrate_tests::assert_identical(&migrate_tests::Outcome {
+    assert!(control.paused, "the switchover was never reached");
+    control.guest.pause();
+    let dest = dest.join().expect("destination thread");
+    BreakOutcome {
         source: report,
         dest,
+        dest_phase: watch.snapshot().phase,
+        resumed: control.resumed,
         src_mem,
         dst_mem,
         log,
-    });
+    }
 }
 
 /// Pauses without breaking anything (the break comes from the watcher thread).

@@ -172,7 +172,7 @@ impl Destination {
                 }
                 let (ms, ret_m, stop_m, table_m) = (&main_state, &ret, &stop, &table);
                 let control = &mut *control;
-                let spawned = std::thread::Builder::new()
+                let main_thread = std::thread::Builder::new()
                     .name("dst-main".into())
                     .spawn_scoped(s, move || {
                         self.config.placement().enter_bulk("main receiver");
@@ -180,7 +180,7 @@ impl Destination {
                             self.shared.report(e);
                         }
                     });
-                if let Err(e) = spawned {
+                if let Err(e) = &main_thread {
                     shared.fail(MigrateError::Internal(format!("spawn main receiver: {e}")));
                 }
                 let event = match shared.wait_event() {
@@ -192,6 +192,19 @@ impl Destination {
                     }
                     e => e,
                 };
+                if matches!(event, Event::LinkFailed(_)) && shared.phase() == DestPhase::Precopy {
+                    // A break in precopy or at switchover: what the source's kernel accepted
+                    // before the break is still arriving on the main channel, and it may hold
+                    // `Postcopy`, after which the source will not run the guest again. Read it
+                    // to its end before deciding (the source closed it, or the read times out).
+                    let _ = closers[1].shutdown(std::net::Shutdown::Both);
+                    if let Ok(main) = &main_thread {
+                        let deadline = Instant::now() + self.config.link_timeout;
+                        while !main.is_finished() && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
                 // Unblock both receivers so the scope can end (after Done the source closes
                 // its side too; data already written is still delivered).
                 for c in &closers {
