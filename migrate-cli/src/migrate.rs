@@ -17,7 +17,7 @@ use migrate_core::source::{Progress, SourcePhase};
 use migrate_core::verify::PreWriteDigests;
 use migrate_core::workload::{fill_initial, Access, DestWorkload, PreWriteLog, SourceWorkload};
 use migrate_core::{
-    DestConfig, DestWatch, Destination, GuestMemory, Mode, PrecopyLimits, ReconnectPolicy,
+    Backing, DestConfig, DestWatch, Destination, GuestMemory, Mode, PrecopyLimits, ReconnectPolicy,
     RegionSpec, Source, SourceConfig,
 };
 use serde_json::json;
@@ -61,6 +61,11 @@ pub struct GuestArgs {
     /// How the guest's vCPUs pick pages: random or sequential.
     #[arg(long, default_value = "random")]
     pub access: Access,
+    /// Back guest memory with a shared memfd (shmem for 4k, hugetlbfs for 2m), allocated up
+    /// front, as a VMM does for vhost-user: the destination reads postcopy pages straight into
+    /// the file and maps them with UFFDIO_CONTINUE (no second copy). Not with thp.
+    #[arg(long)]
+    pub shared: bool,
 }
 
 impl GuestArgs {
@@ -79,22 +84,36 @@ impl GuestArgs {
         let mem = GuestMemory::allocate(&[RegionSpec {
             name: "ram".into(),
             size: self.mem.0,
-            backing: self.page_size.backing(),
+            backing: self.backing()?,
         }])
         .with_context(|| {
             format!(
-                "allocating {} of guest memory with {} pages",
+                "allocating {} of guest memory with {} pages{}",
                 self.mem,
-                self.page_size.name()
+                self.page_size.name(),
+                if self.shared { " (shared memfd)" } else { "" }
             )
         })?;
         Ok(Arc::new(mem))
+    }
+
+    /// The backing for `--page-size` and `--shared`.
+    pub fn backing(&self) -> Result<Backing> {
+        Ok(match (self.page_size, self.shared) {
+            (p, false) => p.backing(),
+            (PageSize::Small, true) => Backing::Shared,
+            (PageSize::Huge, true) => Backing::SharedHugeTlb,
+            (PageSize::Thp, true) => {
+                bail!("--shared works with --page-size 4k (shmem) or 2m (hugetlbfs), not thp")
+            }
+        })
     }
 
     fn settings(&self) -> serde_json::Value {
         json!({
             "mem_bytes": self.mem.0,
             "page_size": self.page_size.name(),
+            "shared": self.shared,
             "vcpus": self.vcpus,
             "access": self.access,
         })

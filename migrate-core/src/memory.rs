@@ -60,6 +60,8 @@ pub enum MemoryError {
     HugePageSizeMismatch { found: usize },
     #[error("{op} failed: {source}")]
     Syscall { op: &'static str, source: io::Error },
+    #[error("region '{name}' is {backing:?}, not a shared memfd: it has no alias mapping")]
+    NotShared { name: String, backing: Backing },
     #[error("Backing::Borrowed memory cannot be allocated; use GuestRegion::from_raw")]
     BorrowedNotAllocatable,
     #[error("invalid borrowed memory: {0}")]
@@ -81,6 +83,13 @@ pub enum Backing {
     HugeTlb,
     /// Memory owned by the VMM (see [`GuestRegion::from_raw`]).
     Borrowed,
+    /// A shared memfd (shmem) with 4 KiB host pages, allocated up front and mapped twice: the
+    /// guest's view, and an alias a destination writes postcopy pages through before mapping
+    /// them into the guest's view with `UFFDIO_CONTINUE` (no second copy, no allocation on the
+    /// request path). Like a VMM's memfd-backed guest RAM (vhost-user needs it shared).
+    Shared,
+    /// The same over a hugetlbfs memfd: 2 MiB pages from the hugetlb pool.
+    SharedHugeTlb,
 }
 
 impl Backing {
@@ -88,9 +97,19 @@ impl Backing {
     /// declared; this returns the base page size.
     pub fn host_page_size(self) -> usize {
         match self {
-            Backing::Anonymous | Backing::Borrowed => PAGE_SIZE,
-            Backing::TransparentHuge | Backing::HugeTlb => HUGE_PAGE_SIZE,
+            Backing::Anonymous | Backing::Borrowed | Backing::Shared => PAGE_SIZE,
+            Backing::TransparentHuge | Backing::HugeTlb | Backing::SharedHugeTlb => HUGE_PAGE_SIZE,
         }
+    }
+
+    /// A shared memfd with an alias mapping ([`GuestRegion::alias_ptr_at`]).
+    pub fn is_shared(self) -> bool {
+        matches!(self, Backing::Shared | Backing::SharedHugeTlb)
+    }
+
+    /// Backed by the hugetlb pool.
+    pub fn is_hugetlb(self) -> bool {
+        matches!(self, Backing::HugeTlb | Backing::SharedHugeTlb)
     }
 }
 
@@ -143,6 +162,16 @@ enum MapKind {
     Mmap,
     /// hugepage_rs::dealloc on drop with this layout.
     HugeTlb(Layout),
+    /// A memfd mapped twice (`Mapping::base` and `alias`): both munmapped on drop, then the fd
+    /// is closed.
+    Shared(SharedFile),
+}
+
+/// The file behind a shared mapping and the alias mapping of all of it.
+#[derive(Debug)]
+struct SharedFile {
+    fd: std::os::fd::OwnedFd,
+    alias: usize,
 }
 
 /// An mmap we own: `[base, base+len)`, mapped read/write until drop.
@@ -234,12 +263,7 @@ impl Mapping {
                 m
             }
             Backing::HugeTlb => {
-                let found = meminfo_value("Hugepagesize:").map(|kb| kb * 1024);
-                if found != Some(HUGE_PAGE_SIZE) {
-                    return Err(MemoryError::HugePageSizeMismatch {
-                        found: found.unwrap_or(0),
-                    });
-                }
+                check_huge_page_size()?;
                 let layout = Layout::from_size_align(len, HUGE_PAGE_SIZE).map_err(|_| {
                     MemoryError::BadSize {
                         name: name.to_string(),
@@ -251,21 +275,45 @@ impl Mapping {
                 // with the same layout in Drop.
                 let p = unsafe { hugepage_rs::alloc(layout) };
                 if p.is_null() {
-                    let needed = len / HUGE_PAGE_SIZE;
-                    let free = free_huge_pages().unwrap_or(0);
-                    let total = meminfo_value("HugePages_Total:").unwrap_or(0);
-                    return Err(MemoryError::HugePagesUnavailable {
-                        name: name.to_string(),
-                        needed,
-                        free,
-                        want: total + needed.saturating_sub(free),
-                    });
+                    return Err(huge_pages_unavailable(name, len));
                 }
                 Mapping {
                     base: p as usize,
                     len,
                     backing,
                     kind: MapKind::HugeTlb(layout),
+                }
+            }
+            Backing::Shared | Backing::SharedHugeTlb => {
+                let huge = backing == Backing::SharedHugeTlb;
+                if huge {
+                    check_huge_page_size()?;
+                }
+                let file = memfd(len, huge).map_err(|e| match e {
+                    MemoryError::Syscall { source, .. }
+                        if huge && source.raw_os_error() == Some(libc::ENOSPC) =>
+                    {
+                        huge_pages_unavailable(name, len)
+                    }
+                    e => e,
+                })?;
+                use std::os::fd::AsRawFd;
+                let base = mmap_shared(name, file.as_raw_fd(), len, 0)?;
+                // The alias is mapped in full now: a receiver writing through it then takes no
+                // page fault per page (the guest's view is mapped page by page, by CONTINUE).
+                let alias = match mmap_shared(name, file.as_raw_fd(), len, libc::MAP_POPULATE) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // SAFETY: `base` is the mapping just created above, referenced nowhere.
+                        unsafe { libc::munmap(base as *mut libc::c_void, len) };
+                        return Err(e);
+                    }
+                };
+                Mapping {
+                    base,
+                    len,
+                    backing,
+                    kind: MapKind::Shared(SharedFile { fd: file, alias }),
                 }
             }
             Backing::Borrowed => unreachable!("rejected above"),
@@ -304,6 +352,102 @@ impl Mapping {
     pub fn backing(&self) -> Backing {
         self.backing
     }
+
+    /// The alias mapping's start and the file, for a shared backing.
+    fn shared(&self) -> Option<(usize, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        match &self.kind {
+            MapKind::Shared(f) => Some((f.alias, f.fd.as_raw_fd())),
+            _ => None,
+        }
+    }
+}
+
+/// The hugetlb pool's default page size must be 2 MiB.
+fn check_huge_page_size() -> Result<(), MemoryError> {
+    let found = meminfo_value("Hugepagesize:").map(|kb| kb * 1024);
+    if found != Some(HUGE_PAGE_SIZE) {
+        return Err(MemoryError::HugePageSizeMismatch {
+            found: found.unwrap_or(0),
+        });
+    }
+    Ok(())
+}
+
+/// The error for a hugetlb allocation of `len` bytes that the pool cannot serve.
+fn huge_pages_unavailable(name: &str, len: usize) -> MemoryError {
+    let needed = len / HUGE_PAGE_SIZE;
+    let free = free_huge_pages().unwrap_or(0);
+    let total = meminfo_value("HugePages_Total:").unwrap_or(0);
+    MemoryError::HugePagesUnavailable {
+        name: name.to_string(),
+        needed,
+        free,
+        want: total + needed.saturating_sub(free),
+    }
+}
+
+/// A memfd of `len` bytes (hugetlbfs if `huge`), every page allocated now (zeroed): a shared
+/// region's pages always exist in the file, so the guest's first touch after userfaultfd is
+/// armed is a *minor* fault, and a destination resolves it with `UFFDIO_CONTINUE`.
+fn memfd(len: usize, huge: bool) -> Result<std::os::fd::OwnedFd, MemoryError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
+    // SAFETY: the name is a NUL-terminated literal; memfd_create only reads it.
+    let fd = unsafe { libc::memfd_create(c"migrate-guest".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(syscall_err("memfd_create"));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscalls on the fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(syscall_err("ftruncate(memfd)"));
+    }
+    allocate_file_range(fd.as_raw_fd(), 0, len)?;
+    Ok(fd)
+}
+
+/// `fallocate` `[offset, offset+len)` of a file we own (pages appear zeroed).
+fn allocate_file_range(
+    fd: std::os::fd::RawFd,
+    offset: usize,
+    len: usize,
+) -> Result<(), MemoryError> {
+    // SAFETY: a plain syscall on a file descriptor the caller owns; no memory is passed.
+    if unsafe { libc::fallocate(fd, 0, offset as libc::off_t, len as libc::off_t) } != 0 {
+        return Err(syscall_err("fallocate(memfd)"));
+    }
+    Ok(())
+}
+
+fn mmap_shared(
+    name: &str,
+    fd: std::os::fd::RawFd,
+    len: usize,
+    extra_flags: libc::c_int,
+) -> Result<usize, MemoryError> {
+    // SAFETY: a new shared mapping of a file we own at a kernel-chosen address; no existing
+    // memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | extra_flags,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(MemoryError::Mmap {
+            name: name.to_string(),
+            len,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(p as usize)
 }
 
 fn mmap_anon(name: &str, len: usize) -> Result<usize, MemoryError> {
@@ -339,6 +483,11 @@ impl Drop for Mapping {
             // SAFETY: allocated by hugepage_rs::alloc with exactly this layout.
             MapKind::HugeTlb(layout) => unsafe {
                 hugepage_rs::dealloc(self.base as *mut u8, layout)
+            },
+            // SAFETY: we own both mappings of the file; the fd closes after this.
+            MapKind::Shared(ref f) => unsafe {
+                libc::munmap(self.base as *mut libc::c_void, self.len);
+                libc::munmap(f.alias as *mut libc::c_void, self.len);
             },
         }
     }
@@ -377,6 +526,9 @@ pub struct GuestRegion {
     len: usize,
     host_page_size: usize,
     backing: Backing,
+    /// For a shared backing: the alias mapping's start and the file (both live as long as
+    /// `owner`).
+    shared: Option<(usize, std::os::fd::RawFd)>,
 }
 
 impl std::fmt::Debug for GuestRegion {
@@ -408,6 +560,7 @@ impl GuestRegion {
             len: mapping.len,
             host_page_size: mapping.backing.host_page_size(),
             backing: mapping.backing,
+            shared: mapping.shared(),
             owner: mapping,
         }
     }
@@ -456,6 +609,7 @@ impl GuestRegion {
             len,
             host_page_size,
             backing: Backing::Borrowed,
+            shared: None,
         })
     }
 
@@ -582,10 +736,46 @@ impl GuestRegion {
         Ok((self.base + offset) as *mut u8)
     }
 
-    /// Drop the pages of `[offset, offset+len)` (`MADV_DONTNEED`; host-page aligned): they read
-    /// as zero and fault again (so a userfaultfd MISSING registration sees them again).
+    /// Bounds-checked raw pointer to `offset` in the alias mapping of a shared region (the
+    /// same memory as [`ptr_at`](Self::ptr_at), but writing through it faults nothing into
+    /// the guest's view), valid for `len` bytes while `self` (or a clone) lives.
+    pub fn alias_ptr_at(&self, offset: usize, len: usize) -> Result<*mut u8, MemoryError> {
+        self.check(offset, len)?;
+        match self.shared {
+            Some((alias, _)) => Ok((alias + offset) as *mut u8),
+            None => Err(MemoryError::NotShared {
+                name: self.name.to_string(),
+                backing: self.backing,
+            }),
+        }
+    }
+
+    /// Drop the pages of `[offset, offset+len)` (host-page aligned): they read as zero and
+    /// fault again (so a userfaultfd registration sees them again). Private memory is dropped
+    /// (`MADV_DONTNEED`); a shared region's file range is punched and allocated again, zeroed,
+    /// so every page of the file keeps existing (its faults stay minor faults).
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
-        self.advise(offset, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
+        let Some((_, fd)) = self.shared else {
+            return self.advise(offset, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)");
+        };
+        self.check_aligned(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: a plain syscall on the region's file, which `self.owner` keeps open; punching
+        // unmaps the range from every mapping of it (ours), no Rust reference points there.
+        let r = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return Err(syscall_err("fallocate(PUNCH_HOLE)"));
+        }
+        allocate_file_range(fd, offset, len)
     }
 
     /// Allocate the pages of `[offset, offset+len)` for writing in one syscall
@@ -878,6 +1068,32 @@ pub(crate) mod tests {
         assert!(!r.is_populated(2 * PAGE_SIZE).unwrap());
         assert!(r.is_zero(0, r.len()));
         assert!(r.is_populated(r.len()).is_err());
+    }
+
+    /// A shared region: the alias is the same memory, every page of the file exists from the
+    /// start, and a discard zeroes a range but keeps its pages in the file.
+    #[test]
+    fn shared_region_alias_and_discard() {
+        let r = region(Backing::Shared, 8 * PAGE_SIZE);
+        assert_eq!(r.host_page_size(), PAGE_SIZE);
+        // SAFETY: alias_ptr_at bounds-checked one page of the live alias mapping.
+        unsafe { std::ptr::write_bytes(r.alias_ptr_at(3 * PAGE_SIZE, PAGE_SIZE).unwrap(), 9, 10) };
+        let mut b = [0u8; 10];
+        r.read_into(3 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [9; 10], "the guest's view sees writes through the alias");
+        assert!(r.alias_ptr_at(8 * PAGE_SIZE, 1).is_err());
+
+        r.discard(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert!(r.is_zero(0, r.len()));
+        // mincore on a shared mapping reports the file's page cache: still all there.
+        assert!((0..8).all(|p| r.is_populated(p * PAGE_SIZE).unwrap()));
+        assert!(r.discard(PAGE_SIZE, 100).is_err(), "unaligned discard");
+
+        let private = region(Backing::Anonymous, 4 * PAGE_SIZE);
+        assert!(matches!(
+            private.alias_ptr_at(0, PAGE_SIZE),
+            Err(MemoryError::NotShared { .. })
+        ));
     }
 
     #[test]

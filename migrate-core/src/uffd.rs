@@ -67,7 +67,7 @@ const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
 const REGISTER_MODE_MINOR: u64 = 1 << 2;
 
-const MODE_DONTWAKE: u64 = 1 << 0; // same bit for COPY, ZEROPAGE, MOVE
+const MODE_DONTWAKE: u64 = 1 << 0; // same bit for COPY, ZEROPAGE, MOVE, CONTINUE
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 /// Give up retrying an operation that keeps answering EAGAIN without progress.
@@ -175,6 +175,14 @@ struct UffdioMove {
     moved: i64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
 /// `UFFDIO_UNREGISTER` and `UFFDIO_WAKE` both take a `uffdio_range` but are different ioctls.
 #[repr(transparent)]
 struct Unregister(UffdioRange);
@@ -221,6 +229,12 @@ uffd_ioctl!(
     "UFFDIO_ZEROPAGE"
 );
 uffd_ioctl!(UffdioMove, IOC_READ | IOC_WRITE, 0x05, "UFFDIO_MOVE");
+uffd_ioctl!(
+    UffdioContinue,
+    IOC_READ | IOC_WRITE,
+    0x07,
+    "UFFDIO_CONTINUE"
+);
 uffd_ioctl!(
     UffdioWriteprotect,
     IOC_READ | IOC_WRITE,
@@ -546,7 +560,7 @@ impl Userfaultfd {
         self.ioctl(&mut r, addr, len)
     }
 
-    /// Shared driver of COPY / ZEROPAGE / MOVE: run `step(offset, remaining)` until the whole
+    /// Shared driver of COPY / ZEROPAGE / MOVE / CONTINUE: run `step(offset, remaining)` until the whole
     /// range is handled, skipping host pages that already exist (EEXIST), resuming after
     /// partial progress and retrying EAGAIN. Returns the bytes newly placed.
     fn fill(
@@ -721,6 +735,34 @@ impl Userfaultfd {
         })
     }
 
+    /// UFFDIO_CONTINUE: map the page-cache pages that already back `[dst, dst+len)` (a shared
+    /// shmem or hugetlbfs mapping registered for minor faults) into it, waking threads that
+    /// fault on them. Host pages already mapped are skipped (EEXIST). Whatever the page cache
+    /// holds is what the guest sees: write it (through another mapping) first. Returns bytes
+    /// newly mapped.
+    pub fn continue_range(
+        &self,
+        dst: usize,
+        len: usize,
+        host_page: usize,
+        wake: bool,
+    ) -> Result<usize, UffdError> {
+        check_host_page("UFFDIO_CONTINUE", dst, len, host_page)?;
+        let mode = if wake { 0 } else { MODE_DONTWAKE };
+        self.fill("UFFDIO_CONTINUE", dst, len, host_page, |off, rem| {
+            let mut c = UffdioContinue {
+                range: UffdioRange {
+                    start: (dst + off) as u64,
+                    len: rem as u64,
+                },
+                mode,
+                mapped: 0,
+            };
+            let r = self.ioctl(&mut c, dst + off, rem);
+            Self::step_result(r, c.mapped)
+        })
+    }
+
     /// Read up to `max` pending messages without blocking, appending them to `out`.
     /// Returns how many were read (0 if none are pending).
     pub fn read_events(&self, out: &mut Vec<Event>, max: usize) -> Result<usize, UffdError> {
@@ -829,6 +871,7 @@ mod tests {
         assert_eq!(UffdioZeropage::REQ, 0xc020_aa04);
         assert_eq!(UffdioMove::REQ, 0xc028_aa05);
         assert_eq!(UffdioWriteprotect::REQ, 0xc018_aa06);
+        assert_eq!(UffdioContinue::REQ, 0xc020_aa07);
     }
 
     #[test]

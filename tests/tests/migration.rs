@@ -96,9 +96,14 @@ fn preempt_full_sequential() {
 
 /// 2 MiB hugetlb host pages: whole huge pages travel and are placed with one UFFDIO_COPY.
 fn hugetlb(mode: Mode, access: Access) {
+    hugetlb_backed(Backing::HugeTlb, mode, access)
+}
+
+/// A migration of 2 MiB pages from the hugetlb pool (private, or a shared hugetlbfs file).
+fn hugetlb_backed(backing: Backing, mode: Mode, access: Access) {
     let _one_at_a_time = HUGETLB.lock().unwrap_or_else(|p| p.into_inner());
     let mut case = Case::small(mode, access);
-    case.backing = Backing::HugeTlb;
+    case.backing = backing;
     case.region_size = 16 << 20;
     case.passes = if access == Access::Random { 0 } else { 1 };
     case.dirty_rate = 2000;
@@ -107,7 +112,7 @@ fn hugetlb(mode: Mode, access: Access) {
         Some(free) if free >= need => {}
         free => {
             eprintln!(
-                "skipped: {mode:?}/{access:?} on hugetlb needs {need} free 2 MiB pages, {free:?} available \
+                "skipped: {mode:?}/{access:?} on {backing:?} needs {need} free 2 MiB pages, {free:?} available \
                  (echo {need} > /proc/sys/vm/nr_hugepages; .ci/run reserves them)"
             );
             return;
@@ -144,6 +149,59 @@ fn hugetlb_vanilla_sequential() {
 #[test]
 fn hugetlb_preempt_sequential() {
     hugetlb(Mode::Preempt, Access::Sequential);
+}
+
+/// Shared memfd guest RAM (4 KiB shmem pages): postcopy pages are read straight into the
+/// file through the alias mapping and mapped with UFFDIO_CONTINUE; precopy-dirtied pages are
+/// discarded by punching the file; source and destination both shared.
+fn shared(mode: Mode, access: Access) {
+    let mut case = Case::small(mode, access);
+    case.backing = Backing::Shared;
+    check(case);
+}
+
+#[test]
+fn shared_vanilla_random() {
+    shared(Mode::Vanilla, Access::Random);
+}
+
+#[test]
+fn shared_preempt_random() {
+    shared(Mode::Preempt, Access::Random);
+}
+
+#[test]
+fn shared_preempt_full_random() {
+    shared(Mode::PreemptFull, Access::Random);
+}
+
+#[test]
+fn shared_preempt_full_sequential() {
+    shared(Mode::PreemptFull, Access::Sequential);
+}
+
+/// Pure postcopy into shared memory: every page is claimed, written through the alias and
+/// mapped, by whichever receiver gets it first.
+#[test]
+fn shared_pure_postcopy() {
+    let mut case = Case::small(Mode::PreemptFull, Access::Random);
+    case.backing = Backing::Shared;
+    case.passes = 0;
+    check(case);
+}
+
+#[test]
+fn shared_hugetlb_preempt_full_random() {
+    hugetlb_backed(Backing::SharedHugeTlb, Mode::PreemptFull, Access::Random);
+}
+
+#[test]
+fn shared_hugetlb_preempt_full_sequential() {
+    hugetlb_backed(
+        Backing::SharedHugeTlb,
+        Mode::PreemptFull,
+        Access::Sequential,
+    );
 }
 
 /// Transparent huge pages: 2 MiB host pages placed with UFFDIO_MOVE stay huge.

@@ -607,7 +607,8 @@ impl Destination {
         verify
     }
 
-    /// Registers guest memory for missing-page faults and starts the fault thread.
+    /// Registers guest memory for missing-page faults (minor faults for shared regions) and
+    /// starts the fault thread.
     fn arm(
         &self,
         shared: &Arc<DestShared>,
@@ -622,15 +623,24 @@ impl Destination {
         if has(Backing::TransparentHuge) {
             features |= feature::MOVE;
         }
+        if has(Backing::Shared) {
+            features |= feature::MINOR_SHMEM;
+        }
+        if has(Backing::SharedHugeTlb) {
+            features |= feature::MINOR_HUGETLBFS;
+        }
         let uffd = Userfaultfd::open(features)?;
         for r in self.memory.regions() {
+            // A shared region's file has every page (see `Backing::Shared`): the guest can
+            // only fault on pages its view has not mapped yet, minor faults.
+            let shared = r.backing().is_shared();
             uffd.register(
                 r.base_addr(),
                 r.len(),
                 RegisterMode {
-                    missing: true,
+                    missing: !shared,
                     wp: false,
-                    minor: false,
+                    minor: shared,
                 },
             )?;
         }
