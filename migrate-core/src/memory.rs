@@ -106,11 +106,6 @@ impl Backing {
     pub fn is_shared(self) -> bool {
         matches!(self, Backing::Shared | Backing::SharedHugeTlb)
     }
-
-    /// Backed by the hugetlb pool.
-    pub fn is_hugetlb(self) -> bool {
-        matches!(self, Backing::HugeTlb | Backing::SharedHugeTlb)
-    }
 }
 
 /// What to allocate for one region.
@@ -162,16 +157,9 @@ enum MapKind {
     Mmap,
     /// hugepage_rs::dealloc on drop with this layout.
     HugeTlb(Layout),
-    /// A memfd mapped twice (`Mapping::base` and `alias`): both munmapped on drop, then the fd
-    /// is closed.
-    Shared(SharedFile),
-}
-
-/// The file behind a shared mapping and the alias mapping of all of it.
-#[derive(Debug)]
-struct SharedFile {
-    fd: std::os::fd::OwnedFd,
-    alias: usize,
+    /// A memfd mapped twice (`Mapping::base` and this alias), both munmapped on drop; the
+    /// mappings keep the file alive (its descriptor is closed once they exist).
+    Shared { alias: usize },
 }
 
 /// An mmap we own: `[base, base+len)`, mapped read/write until drop.
@@ -301,7 +289,24 @@ impl Mapping {
                 let base = mmap_shared(name, file.as_raw_fd(), len, 0)?;
                 // The alias is mapped in full now: a receiver writing through it then takes no
                 // page fault per page (the guest's view is mapped page by page, by CONTINUE).
-                let alias = match mmap_shared(name, file.as_raw_fd(), len, libc::MAP_POPULATE) {
+                let alias = mmap_shared(name, file.as_raw_fd(), len, libc::MAP_POPULATE).and_then(
+                    |alias| {
+                        // Two hugetlb mappings of one file with identical flags may share page
+                        // tables (PMD sharing, 1 GiB-aligned spans): the guest's view would then
+                        // see every page the alias has mapped, before it is placed (on kernels
+                        // that do not unshare on a minor-fault registration). Different
+                        // `vm_flags` (DONTDUMP on the alias only) rule sharing out.
+                        match madvise(alias, len, libc::MADV_DONTDUMP, "madvise(MADV_DONTDUMP)") {
+                            Ok(()) => Ok(alias),
+                            Err(e) => {
+                                // SAFETY: `alias` was just mapped here and is referenced nowhere.
+                                unsafe { libc::munmap(alias as *mut libc::c_void, len) };
+                                Err(e)
+                            }
+                        }
+                    },
+                );
+                let alias = match alias {
                     Ok(a) => a,
                     Err(e) => {
                         // SAFETY: `base` is the mapping just created above, referenced nowhere.
@@ -313,7 +318,7 @@ impl Mapping {
                     base,
                     len,
                     backing,
-                    kind: MapKind::Shared(SharedFile { fd: file, alias }),
+                    kind: MapKind::Shared { alias },
                 }
             }
             Backing::Borrowed => unreachable!("rejected above"),
@@ -353,11 +358,10 @@ impl Mapping {
         self.backing
     }
 
-    /// The alias mapping's start and the file, for a shared backing.
-    fn shared(&self) -> Option<(usize, std::os::fd::RawFd)> {
-        use std::os::fd::AsRawFd;
-        match &self.kind {
-            MapKind::Shared(f) => Some((f.alias, f.fd.as_raw_fd())),
+    /// The alias mapping's start, for a shared backing.
+    fn shared(&self) -> Option<usize> {
+        match self.kind {
+            MapKind::Shared { alias } => Some(alias),
             _ => None,
         }
     }
@@ -409,17 +413,26 @@ fn memfd(len: usize, huge: bool) -> Result<std::os::fd::OwnedFd, MemoryError> {
     Ok(fd)
 }
 
-/// `fallocate` `[offset, offset+len)` of a file we own (pages appear zeroed).
+/// `fallocate` `[offset, offset+len)` of a file we own (pages appear zeroed). Retried on
+/// `EINTR` (older kernels abort a shmem or hugetlbfs `fallocate` on any pending signal).
 fn allocate_file_range(
     fd: std::os::fd::RawFd,
     offset: usize,
     len: usize,
 ) -> Result<(), MemoryError> {
-    // SAFETY: a plain syscall on a file descriptor the caller owns; no memory is passed.
-    if unsafe { libc::fallocate(fd, 0, offset as libc::off_t, len as libc::off_t) } != 0 {
-        return Err(syscall_err("fallocate(memfd)"));
+    loop {
+        // SAFETY: a plain syscall on a file descriptor the caller owns; no memory is passed.
+        if unsafe { libc::fallocate(fd, 0, offset as libc::off_t, len as libc::off_t) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(MemoryError::Syscall {
+                op: "fallocate(memfd)",
+                source: e,
+            });
+        }
     }
-    Ok(())
 }
 
 fn mmap_shared(
@@ -484,10 +497,11 @@ impl Drop for Mapping {
             MapKind::HugeTlb(layout) => unsafe {
                 hugepage_rs::dealloc(self.base as *mut u8, layout)
             },
-            // SAFETY: we own both mappings of the file; the fd closes after this.
-            MapKind::Shared(ref f) => unsafe {
+            // SAFETY: we own both mappings of the file, and nothing uses them after drop
+            // (every user holds an Arc to this Mapping).
+            MapKind::Shared { alias } => unsafe {
                 libc::munmap(self.base as *mut libc::c_void, self.len);
-                libc::munmap(f.alias as *mut libc::c_void, self.len);
+                libc::munmap(alias as *mut libc::c_void, self.len);
             },
         }
     }
@@ -526,9 +540,8 @@ pub struct GuestRegion {
     len: usize,
     host_page_size: usize,
     backing: Backing,
-    /// For a shared backing: the alias mapping's start and the file (both live as long as
-    /// `owner`).
-    shared: Option<(usize, std::os::fd::RawFd)>,
+    /// For a shared backing: the alias mapping's start (lives as long as `owner`).
+    shared: Option<usize>,
 }
 
 impl std::fmt::Debug for GuestRegion {
@@ -738,11 +751,13 @@ impl GuestRegion {
 
     /// Bounds-checked raw pointer to `offset` in the alias mapping of a shared region (the
     /// same memory as [`ptr_at`](Self::ptr_at), but writing through it faults nothing into
-    /// the guest's view), valid for `len` bytes while `self` (or a clone) lives.
+    /// the guest's view), valid for `len` bytes while `self` (or a clone) lives. Writes through
+    /// the alias are invisible to dirty tracking of the guest's view: on a source, only the
+    /// guest writes guest memory.
     pub fn alias_ptr_at(&self, offset: usize, len: usize) -> Result<*mut u8, MemoryError> {
         self.check(offset, len)?;
         match self.shared {
-            Some((alias, _)) => Ok((alias + offset) as *mut u8),
+            Some(alias) => Ok((alias + offset) as *mut u8),
             None => Err(MemoryError::NotShared {
                 name: self.name.to_string(),
                 backing: self.backing,
@@ -752,30 +767,18 @@ impl GuestRegion {
 
     /// Drop the pages of `[offset, offset+len)` (host-page aligned): they read as zero and
     /// fault again (so a userfaultfd registration sees them again). Private memory is dropped
-    /// (`MADV_DONTNEED`); a shared region's file range is punched and allocated again, zeroed,
-    /// so every page of the file keeps existing (its faults stay minor faults).
+    /// (`MADV_DONTNEED`). A shared region keeps its file pages (giving them back to a hugetlb
+    /// pool could lose them to another process, and a region's faults must stay minor faults):
+    /// they are zeroed through the alias and only unmapped from the guest's view.
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
-        let Some((_, fd)) = self.shared else {
-            return self.advise(offset, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)");
-        };
-        self.check_aligned(offset, len)?;
-        if len == 0 {
-            return Ok(());
+        if self.shared.is_some() {
+            self.check_aligned(offset, len)?;
+            let alias = self.alias_ptr_at(offset, len)?;
+            // SAFETY: `alias_ptr_at` checked the range lies in the alias mapping, alive while
+            // `self` is; callers discard only pages no other thread is writing.
+            unsafe { std::ptr::write_bytes(alias, 0, len) };
         }
-        // SAFETY: a plain syscall on the region's file, which `self.owner` keeps open; punching
-        // unmaps the range from every mapping of it (ours), no Rust reference points there.
-        let r = unsafe {
-            libc::fallocate(
-                fd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r != 0 {
-            return Err(syscall_err("fallocate(PUNCH_HOLE)"));
-        }
-        allocate_file_range(fd, offset, len)
+        self.advise(offset, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
     }
 
     /// Allocate the pages of `[offset, offset+len)` for writing in one syscall

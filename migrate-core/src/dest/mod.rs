@@ -5,6 +5,7 @@
 //! switchover and lets the guest run; the fault thread requests missing pages; both receivers
 //! place postcopy pages atomically. The migration completes when every host page is in place.
 
+mod alias;
 mod fault;
 mod receive;
 mod state;
@@ -131,6 +132,18 @@ impl Destination {
     ) -> Result<DestReport, MigrateError> {
         let start = Instant::now();
         let table = region_table(&self.memory)?;
+        // Found out now, not at switchover: by then the source can no longer take its guest
+        // back.
+        let needed = self.uffd_features();
+        let supported = crate::uffd::supported_features()?;
+        if needed & !supported != 0 {
+            return Err(crate::uffd::UffdError::FeatureUnsupported {
+                missing: needed & !supported,
+                requested: needed,
+                supported,
+            }
+            .into());
+        }
         let mut link = self.accept_link(listener, &table, None)?;
         let session = link.session;
         let shared = self.shared.clone();
@@ -196,12 +209,27 @@ impl Destination {
                     // A break in precopy or at switchover: what the source's kernel accepted
                     // before the break is still arriving on the main channel, and it may hold
                     // `Postcopy`, after which the source will not run the guest again. Read it
-                    // to its end before deciding (the source closed it, or the read times out).
+                    // to its end before deciding: until the source's FIN, or no byte came for
+                    // the link timeout (the main socket's read timeout ends the receiver; this
+                    // waits as long as bytes keep coming, within a hard cap).
                     let _ = closers[1].shutdown(std::net::Shutdown::Both);
                     if let Ok(main) = &main_thread {
-                        let deadline = Instant::now() + self.config.link_timeout;
-                        while !main.is_finished() && Instant::now() < deadline {
+                        let t = self.config.link_timeout;
+                        let cap = Instant::now() + 4 * t;
+                        let progress = || {
+                            shared
+                                .counters
+                                .bytes_bulk
+                                .load(std::sync::atomic::Ordering::Relaxed)
+                        };
+                        let (mut seen, mut quiet_since) = (progress(), Instant::now());
+                        while !main.is_finished() && Instant::now() < cap {
                             std::thread::sleep(Duration::from_millis(1));
+                            if progress() != seen {
+                                (seen, quiet_since) = (progress(), Instant::now());
+                            } else if quiet_since.elapsed() > t + Duration::from_millis(100) {
+                                break;
+                            }
                         }
                     }
                 }
@@ -212,6 +240,14 @@ impl Destination {
                 }
                 event
             });
+            // A receiver that failed for good while the link was going down (e.g. placing what
+            // it drained) ends the migration: no point waiting for a reconnect.
+            let event = match event {
+                Event::LinkFailed(e) => shared
+                    .take_fatal()
+                    .map_or(Event::LinkFailed(e), Event::Fatal),
+                e => e,
+            };
             match event {
                 Event::Done(verify) => break Ok(verify),
                 Event::Complete => unreachable!("turned into Done above"),
@@ -607,14 +643,8 @@ impl Destination {
         verify
     }
 
-    /// Registers guest memory for missing-page faults (minor faults for shared regions) and
-    /// starts the fault thread.
-    fn arm(
-        &self,
-        shared: &Arc<DestShared>,
-        ret: Arc<Mutex<Option<Stream>>>,
-        stop: Arc<EventFd>,
-    ) -> Result<std::thread::JoinHandle<()>, MigrateError> {
+    /// The userfaultfd features postcopy needs for this guest memory's backings.
+    fn uffd_features(&self) -> u64 {
         let has = |b: Backing| self.memory.regions().iter().any(|r| r.backing() == b);
         let mut features = feature::THREAD_ID;
         if has(Backing::HugeTlb) {
@@ -629,7 +659,18 @@ impl Destination {
         if has(Backing::SharedHugeTlb) {
             features |= feature::MINOR_HUGETLBFS;
         }
-        let uffd = Userfaultfd::open(features)?;
+        features
+    }
+
+    /// Registers guest memory for missing-page faults (minor faults for shared regions) and
+    /// starts the fault thread.
+    fn arm(
+        &self,
+        shared: &Arc<DestShared>,
+        ret: Arc<Mutex<Option<Stream>>>,
+        stop: Arc<EventFd>,
+    ) -> Result<std::thread::JoinHandle<()>, MigrateError> {
+        let uffd = Userfaultfd::open(self.uffd_features())?;
         for r in self.memory.regions() {
             // A shared region's file has every page (see `Backing::Shared`): the guest can
             // only fault on pages its view has not mapped yet, minor faults.

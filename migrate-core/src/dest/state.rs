@@ -17,8 +17,8 @@ pub(crate) struct DestShared {
     /// Host pages in place (precopy write, postcopy placement, or received as zero).
     pub received: Vec<AtomicBitmap>,
     /// Shared regions in postcopy: host pages a receiver took the right to write through the
-    /// alias mapping (see [`DestShared::claim`]).
-    claimed: Vec<AtomicBitmap>,
+    /// alias mapping (see `alias.rs`).
+    pub(super) claimed: Vec<AtomicBitmap>,
     /// Request time (ns since `epoch`, | 1) per host page with a request in flight; 0 = none.
     pub pending: Vec<Box<[AtomicU64]>>,
     pub received_count: AtomicUsize,
@@ -123,6 +123,11 @@ impl DestShared {
             s.error = Some(e);
         }
         self.changed.notify_all();
+    }
+
+    /// Takes a failure recorded by [`fail`](Self::fail) that no event has reported yet.
+    pub fn take_fatal(&self) -> Option<MigrateError> {
+        self.lock().error.take()
     }
 
     /// Records a broken connection and wakes the coordinator.
@@ -242,52 +247,6 @@ impl DestShared {
         Ok(())
     }
 
-    /// Shared regions: takes the sole right to write host page `hp` of region `r` through the
-    /// alias mapping. Refused for a page in place (the guest may be writing it through its own
-    /// view by now) or claimed by the other receiver. A claim ends in
-    /// [`map_claimed`](Self::map_claimed), or in [`unclaim`](Self::unclaim) if the payload
-    /// never fully arrived.
-    pub fn claim(&self, r: usize, hp: usize) -> bool {
-        !self.received[r].test(hp) && !self.claimed[r].set(hp)
-    }
-
-    /// Gives up a claim whose page was not written completely: a later copy may take it.
-    pub fn unclaim(&self, r: usize, hp: usize) {
-        self.claimed[r].clear(hp);
-    }
-
-    /// Shared regions: maps the host pages `first + i` with `mine[i]` set, claimed and written
-    /// through the alias by this thread, into the guest's view (`UFFDIO_CONTINUE`, which wakes
-    /// vCPUs waiting on them) and marks them received. Returns how many pages were mapped.
-    pub fn map_claimed(
-        &self,
-        region: &GuestRegion,
-        first: usize,
-        mine: &[bool],
-    ) -> Result<usize, MigrateError> {
-        let uffd = self.uffd.get().ok_or_else(|| {
-            MigrateError::Internal("placement before userfaultfd was armed".into())
-        })?;
-        let (r, page) = (region.id() as usize, region.host_page_size());
-        let mut mapped = 0;
-        let mut i = 0;
-        while i < mine.len() {
-            if !mine[i] {
-                i += 1;
-                continue;
-            }
-            let run = mine[i..].iter().take_while(|&&c| c).count();
-            let addr = region.base_addr() + (first + i) * page;
-            // Pages already mapped (EEXIST) are skipped: a vCPU touched a zero page of the
-            // file, which can only be one received as zero, never a claimed one.
-            uffd.continue_range(addr, run * page, page, true)?;
-            self.mark_received(r, first + i, run);
-            mapped += run;
-            i += run;
-        }
-        Ok(mapped)
-    }
-
     /// Places zero pages atomically.
     pub fn place_zero(
         &self,
@@ -296,32 +255,14 @@ impl DestShared {
         len: usize,
         staging: &mut Staging,
     ) -> Result<(), MigrateError> {
+        if region.backing().is_shared() {
+            return super::alias::place_zero(self, region, offset, len, staging);
+        }
         let uffd = self.uffd.get().ok_or_else(|| {
             MigrateError::Internal("placement before userfaultfd was armed".into())
         })?;
         let page = region.host_page_size();
         let dst = region.base_addr() + offset;
-        if region.backing().is_shared() {
-            // The file's pages exist and may hold an unfinished earlier copy: zero the claimed
-            // ones through the alias, then map them.
-            let r = region.id() as usize;
-            let first = offset / page;
-            let mine: Vec<bool> = (first..first + len / page)
-                .map(|hp| self.claim(r, hp))
-                .collect();
-            for (i, _) in mine.iter().enumerate().filter(|(_, &c)| c) {
-                let p = region.alias_ptr_at((first + i) * page, page)?;
-                // SAFETY: `alias_ptr_at` checked the page lies in the alias mapping, alive
-                // while `region` is; we claimed it, so no other thread writes it and the guest
-                // cannot see it until `map_claimed` maps it.
-                unsafe { std::ptr::write_bytes(p, 0, page) };
-            }
-            self.map_claimed(region, first, &mine)?;
-            self.counters
-                .zero_pages
-                .fetch_add((len / page) as u64, Relaxed);
-            return Ok(());
-        }
         if region.backing() == Backing::TransparentHuge {
             // `UFFDIO_ZEROPAGE` would map 4 KiB zero pages and the range would never be huge
             // again: move freshly zeroed huge pages in instead (the kernel's zeroing costs what
