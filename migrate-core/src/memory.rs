@@ -435,43 +435,37 @@ fn allocate_file_range(
     }
 }
 
+/// A shared read/write mapping of all `len` bytes of the file `fd`, with `extra_flags`.
 fn mmap_shared(
     name: &str,
     fd: std::os::fd::RawFd,
     len: usize,
     extra_flags: libc::c_int,
 ) -> Result<usize, MemoryError> {
-    // SAFETY: a new shared mapping of a file we own at a kernel-chosen address; no existing
-    // memory is affected.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | extra_flags,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(MemoryError::Mmap {
-            name: name.to_string(),
-            len,
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(p as usize)
+    mmap_rw(name, len, libc::MAP_SHARED | extra_flags, fd)
 }
 
+/// A private anonymous read/write mapping of `len` bytes (not reserved up front).
 fn mmap_anon(name: &str, len: usize) -> Result<usize, MemoryError> {
-    // SAFETY: anonymous private mapping at a kernel-chosen address; no existing memory affected.
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    mmap_rw(name, len, flags, -1)
+}
+
+fn mmap_rw(
+    name: &str,
+    len: usize,
+    flags: libc::c_int,
+    fd: std::os::fd::RawFd,
+) -> Result<usize, MemoryError> {
+    // SAFETY: a new mapping at a kernel-chosen address (no MAP_FIXED): no existing memory is
+    // affected; `fd` is -1 for anonymous memory or a file the caller owns.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
+            flags,
+            fd,
             0,
         )
     };

@@ -183,6 +183,38 @@ struct UffdioContinue {
     mapped: i64,
 }
 
+/// The ioctls that take a range and a mode and report how many bytes they handled.
+trait RangeOp: UffdIoctl {
+    fn new(range: UffdioRange, mode: u64) -> Self;
+    fn done(&self) -> i64;
+}
+
+impl RangeOp for UffdioZeropage {
+    fn new(range: UffdioRange, mode: u64) -> Self {
+        UffdioZeropage {
+            range,
+            mode,
+            zeropage: 0,
+        }
+    }
+    fn done(&self) -> i64 {
+        self.zeropage
+    }
+}
+
+impl RangeOp for UffdioContinue {
+    fn new(range: UffdioRange, mode: u64) -> Self {
+        UffdioContinue {
+            range,
+            mode,
+            mapped: 0,
+        }
+    }
+    fn done(&self) -> i64 {
+        self.mapped
+    }
+}
+
 /// `UFFDIO_UNREGISTER` and `UFFDIO_WAKE` both take a `uffdio_range` but are different ioctls.
 #[repr(transparent)]
 struct Unregister(UffdioRange);
@@ -691,18 +723,26 @@ impl Userfaultfd {
             }
             return Ok(placed);
         }
+        self.fill_range::<UffdioZeropage>(dst, len, host_page, wake)
+    }
+
+    /// Runs a range ioctl (ZEROPAGE, CONTINUE) over `[dst, dst+len)` through [`fill`](Self::fill).
+    fn fill_range<T: RangeOp>(
+        &self,
+        dst: usize,
+        len: usize,
+        host_page: usize,
+        wake: bool,
+    ) -> Result<usize, UffdError> {
         let mode = if wake { 0 } else { MODE_DONTWAKE };
-        self.fill("UFFDIO_ZEROPAGE", dst, len, host_page, |off, rem| {
-            let mut z = UffdioZeropage {
-                range: UffdioRange {
-                    start: (dst + off) as u64,
-                    len: rem as u64,
-                },
-                mode,
-                zeropage: 0,
+        self.fill(T::NAME, dst, len, host_page, |off, rem| {
+            let range = UffdioRange {
+                start: (dst + off) as u64,
+                len: rem as u64,
             };
-            let r = self.ioctl(&mut z, dst + off, rem);
-            Self::step_result(r, z.zeropage)
+            let mut arg = T::new(range, mode);
+            let r = self.ioctl(&mut arg, dst + off, rem);
+            Self::step_result(r, arg.done())
         })
     }
 
@@ -748,19 +788,7 @@ impl Userfaultfd {
         wake: bool,
     ) -> Result<usize, UffdError> {
         check_host_page("UFFDIO_CONTINUE", dst, len, host_page)?;
-        let mode = if wake { 0 } else { MODE_DONTWAKE };
-        self.fill("UFFDIO_CONTINUE", dst, len, host_page, |off, rem| {
-            let mut c = UffdioContinue {
-                range: UffdioRange {
-                    start: (dst + off) as u64,
-                    len: rem as u64,
-                },
-                mode,
-                mapped: 0,
-            };
-            let r = self.ioctl(&mut c, dst + off, rem);
-            Self::step_result(r, c.mapped)
-        })
+        self.fill_range::<UffdioContinue>(dst, len, host_page, wake)
     }
 
     /// Read up to `max` pending messages without blocking, appending them to `out`.

@@ -114,18 +114,14 @@ fn break_after_postcopy_never_resumes_the_source_guest() {
     );
     let report = outcome
         .source
+        .as_ref()
         .expect("postcopy did not recover from a break after switchover");
     assert!(report.recoveries >= 1, "the link breaks were not noticed");
     let dest = outcome
         .dest
+        .as_ref()
         .expect("the destination failed after running the guest");
-    migrate_tests::assert_identical(&migrate_tests::Outcome {
-        source: report,
-        dest,
-        src_mem: outcome.src_mem,
-        dst_mem: outcome.dst_mem,
-        log: outcome.log,
-    });
+    outcome.assert_identical(report.clone(), dest.clone());
 }
 
 /// Breaks anywhere in the switchover window, from right after the pause to well after the
@@ -157,19 +153,13 @@ fn a_break_anywhere_in_the_switchover_ends_consistently() {
                 "break {us} µs after the pause: the source resumed its guest, but the destination got the switchover"
             );
         } else {
-            let report = outcome.source.unwrap_or_else(|e| {
+            let report = outcome.source.as_ref().unwrap_or_else(|e| {
                 panic!("break {us} µs after the pause: the source kept its guest paused, but postcopy did not complete: {e}")
             });
-            let dest = outcome.dest.unwrap_or_else(|e| {
+            let dest = outcome.dest.as_ref().unwrap_or_else(|e| {
                 panic!("break {us} µs after the pause: the destination failed: {e}")
             });
-            migrate_tests::assert_identical(&migrate_tests::Outcome {
-                source: report,
-                dest,
-                src_mem: outcome.src_mem,
-                dst_mem: outcome.dst_mem,
-                log: outcome.log,
-            });
+            outcome.assert_identical(report.clone(), dest.clone());
         }
     }
     println!(
@@ -197,6 +187,19 @@ struct BreakOutcome {
     src_mem: Arc<migrate_core::GuestMemory>,
     dst_mem: Arc<migrate_core::GuestMemory>,
     log: Arc<migrate_core::workload::PreWriteLog>,
+}
+
+impl BreakOutcome {
+    /// Both memories agree, byte for byte (guest-written pages through their pre-write digests).
+    fn assert_identical(&self, source: migrate_core::SourceReport, dest: migrate_core::DestReport) {
+        migrate_tests::assert_identical(&migrate_tests::Outcome {
+            source,
+            dest,
+            src_mem: self.src_mem.clone(),
+            dst_mem: self.dst_mem.clone(),
+            log: self.log.clone(),
+        });
+    }
 }
 
 fn break_during_switchover(at: BreakAt) -> BreakOutcome {
