@@ -286,26 +286,8 @@ impl Mapping {
                     e => e,
                 })?;
                 use std::os::fd::AsRawFd;
-                let base = mmap_shared(name, file.as_raw_fd(), len, 0)?;
-                // The alias is mapped in full now: a receiver writing through it then takes no
-                // page fault per page (the guest's view is mapped page by page, by CONTINUE).
-                let alias = mmap_shared(name, file.as_raw_fd(), len, libc::MAP_POPULATE).and_then(
-                    |alias| {
-                        // Two hugetlb mappings of one file with identical flags may share page
-                        // tables (PMD sharing, 1 GiB-aligned spans): the guest's view would then
-                        // see every page the alias has mapped, before it is placed (on kernels
-                        // that do not unshare on a minor-fault registration). Different
-                        // `vm_flags` (DONTDUMP on the alias only) rule sharing out.
-                        match madvise(alias, len, libc::MADV_DONTDUMP, "madvise(MADV_DONTDUMP)") {
-                            Ok(()) => Ok(alias),
-                            Err(e) => {
-                                // SAFETY: `alias` was just mapped here and is referenced nowhere.
-                                unsafe { libc::munmap(alias as *mut libc::c_void, len) };
-                                Err(e)
-                            }
-                        }
-                    },
-                );
+                let base = mmap_rw(name, len, libc::MAP_SHARED, file.as_raw_fd(), 0)?;
+                let alias = map_alias(name, file.as_raw_fd(), 0, len);
                 let alias = match alias {
                     Ok(a) => a,
                     Err(e) => {
@@ -436,19 +418,32 @@ fn allocate_file_range(
 }
 
 /// A shared read/write mapping of all `len` bytes of the file `fd`, with `extra_flags`.
-fn mmap_shared(
+/// The alias of a shared region: `[offset, offset+len)` of the file `fd`, mapped in full now
+/// (a receiver writing through it takes no page fault per page; the guest's view is mapped page
+/// by page, by `UFFDIO_CONTINUE`).
+fn map_alias(
     name: &str,
     fd: std::os::fd::RawFd,
+    offset: u64,
     len: usize,
-    extra_flags: libc::c_int,
 ) -> Result<usize, MemoryError> {
-    mmap_rw(name, len, libc::MAP_SHARED | extra_flags, fd)
+    let alias = mmap_rw(name, len, libc::MAP_SHARED | libc::MAP_POPULATE, fd, offset)?;
+    // Two hugetlb mappings of one file with identical flags may share page tables (PMD
+    // sharing, 1 GiB-aligned spans): the guest's view would then see every page the alias has
+    // mapped, before it is placed (on kernels that do not unshare on a minor-fault
+    // registration). Different `vm_flags` (DONTDUMP on the alias only) rule sharing out.
+    if let Err(e) = madvise(alias, len, libc::MADV_DONTDUMP, "madvise(MADV_DONTDUMP)") {
+        // SAFETY: `alias` was just mapped here and is referenced nowhere.
+        unsafe { libc::munmap(alias as *mut libc::c_void, len) };
+        return Err(e);
+    }
+    Ok(alias)
 }
 
 /// A private anonymous read/write mapping of `len` bytes (not reserved up front).
 fn mmap_anon(name: &str, len: usize) -> Result<usize, MemoryError> {
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    mmap_rw(name, len, flags, -1)
+    mmap_rw(name, len, flags, -1, 0)
 }
 
 fn mmap_rw(
@@ -456,9 +451,15 @@ fn mmap_rw(
     len: usize,
     flags: libc::c_int,
     fd: std::os::fd::RawFd,
+    offset: u64,
 ) -> Result<usize, MemoryError> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| MemoryError::Mmap {
+        name: name.to_string(),
+        len,
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
     // SAFETY: a new mapping at a kernel-chosen address (no MAP_FIXED): no existing memory is
-    // affected; `fd` is -1 for anonymous memory or a file the caller owns.
+    // affected; `fd` is -1 for anonymous memory or a file the caller holds open.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -466,7 +467,7 @@ fn mmap_rw(
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
             fd,
-            0,
+            offset,
         )
     };
     if p == libc::MAP_FAILED {
@@ -521,6 +522,79 @@ struct Borrowed {
 unsafe impl StableMemory for Borrowed {
     fn memory(&self) -> (*const u8, usize) {
         (self.base as *const u8, self.len)
+    }
+}
+
+/// A VMM's shared guest RAM, and the alias of it we mapped (unmapped on drop).
+struct BorrowedShared {
+    base: usize,
+    len: usize,
+    alias: usize,
+    _owner: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: GuestRegion::from_memfd's contract: [base, base+len) stays mapped read/write while
+// `_owner` lives, and we hold `_owner`.
+unsafe impl StableMemory for BorrowedShared {
+    fn memory(&self) -> (*const u8, usize) {
+        (self.base as *const u8, self.len)
+    }
+}
+
+impl Drop for BorrowedShared {
+    fn drop(&mut self) {
+        // SAFETY: we mapped the alias in `from_memfd` and own it; every user holds an Arc to
+        // this value, so nothing uses it after drop.
+        unsafe { libc::munmap(self.alias as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Validates a borrowed range: non-null, non-empty, aligned to a power-of-two host page size.
+fn check_borrow(base: usize, len: usize, host_page_size: usize) -> Result<(), MemoryError> {
+    if base == 0 || len == 0 {
+        return Err(MemoryError::InvalidBorrow(format!(
+            "null address or empty range ({base:#x}, {len})"
+        )));
+    }
+    if !host_page_size.is_power_of_two() || host_page_size < PAGE_SIZE {
+        return Err(MemoryError::InvalidBorrow(format!(
+            "host page size {host_page_size} is not a power of two >= {PAGE_SIZE}"
+        )));
+    }
+    if base & (host_page_size - 1) != 0
+        || len & (host_page_size - 1) != 0
+        || base.checked_add(len).is_none()
+    {
+        return Err(MemoryError::InvalidBorrow(format!(
+            "range {base:#x}+{len:#x} is not aligned to the host page size {host_page_size}"
+        )));
+    }
+    Ok(())
+}
+
+/// The shared backing of a file: shmem (4 KiB pages) or hugetlbfs with 2 MiB pages.
+fn shared_file_backing(fd: std::os::fd::RawFd) -> Result<Backing, MemoryError> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes one `statfs` into the buffer we pass; we read it only on success.
+    let st = unsafe {
+        if libc::fstatfs(fd, st.as_mut_ptr()) != 0 {
+            return Err(syscall_err("fstatfs"));
+        }
+        st.assume_init()
+    };
+    match st.f_type as i64 {
+        TMPFS_MAGIC => Ok(Backing::Shared),
+        HUGETLBFS_MAGIC if st.f_bsize as usize == HUGE_PAGE_SIZE => Ok(Backing::SharedHugeTlb),
+        HUGETLBFS_MAGIC => Err(MemoryError::InvalidBorrow(format!(
+            "hugetlbfs file with {} byte pages (2 MiB pages are supported)",
+            st.f_bsize
+        ))),
+        t => Err(MemoryError::InvalidBorrow(format!(
+            "file system {t:#x} is neither shmem (a memfd, tmpfs) nor hugetlbfs: userfaultfd \
+             minor faults need one of them"
+        ))),
     }
 }
 
@@ -586,24 +660,7 @@ impl GuestRegion {
         owner: Arc<dyn Any + Send + Sync>,
     ) -> Result<Self, MemoryError> {
         let base = addr as usize;
-        if addr.is_null() || len == 0 {
-            return Err(MemoryError::InvalidBorrow(format!(
-                "null address or empty range ({base:#x}, {len})"
-            )));
-        }
-        if !host_page_size.is_power_of_two() || host_page_size < PAGE_SIZE {
-            return Err(MemoryError::InvalidBorrow(format!(
-                "host page size {host_page_size} is not a power of two >= {PAGE_SIZE}"
-            )));
-        }
-        if base & (host_page_size - 1) != 0
-            || len & (host_page_size - 1) != 0
-            || base.checked_add(len).is_none()
-        {
-            return Err(MemoryError::InvalidBorrow(format!(
-                "range {base:#x}+{len:#x} is not aligned to the host page size {host_page_size}"
-            )));
-        }
+        check_borrow(base, len, host_page_size)?;
         Ok(GuestRegion {
             id,
             name: Arc::from(name),
@@ -617,6 +674,57 @@ impl GuestRegion {
             host_page_size,
             backing: Backing::Borrowed,
             shared: None,
+        })
+    }
+
+    /// Borrow a VMM's *shared* guest RAM: `[addr, addr+len)` is the VMM's `MAP_SHARED` mapping
+    /// of `fd` at `offset`, where `fd` is a shmem file (a memfd: 4 KiB host pages) or a
+    /// hugetlbfs file with 2 MiB pages. The region then works like [`Backing::Shared`] /
+    /// [`Backing::SharedHugeTlb`]: the engine maps its own alias of that file range and, so that
+    /// every later fault on the guest's view is a minor fault, allocates now any page of the
+    /// range the file does not have yet (`fallocate`; pages already there keep their
+    /// contents). The host page size comes from the file's file system.
+    ///
+    /// # Safety
+    /// `[addr, addr+len)` is mapped read/write and shared from `fd` at `offset`, and stays so
+    /// while `owner` lives.
+    pub unsafe fn from_memfd(
+        id: u16,
+        name: &str,
+        addr: *mut u8,
+        len: usize,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        owner: Arc<dyn Any + Send + Sync>,
+    ) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        let (fd, base) = (fd.as_raw_fd(), addr as usize);
+        let backing = shared_file_backing(fd)?;
+        let host_page_size = backing.host_page_size();
+        check_borrow(base, len, host_page_size)?;
+        if !offset.is_multiple_of(host_page_size as u64) {
+            return Err(MemoryError::InvalidBorrow(format!(
+                "file offset {offset:#x} is not aligned to the host page size {host_page_size}"
+            )));
+        }
+        let at = usize::try_from(offset)
+            .map_err(|_| MemoryError::InvalidBorrow(format!("file offset {offset:#x}")))?;
+        allocate_file_range(fd, at, len)?;
+        let alias = map_alias(name, fd, offset, len)?;
+        Ok(GuestRegion {
+            id,
+            name: Arc::from(name),
+            owner: Arc::new(BorrowedShared {
+                base,
+                len,
+                alias,
+                _owner: owner,
+            }),
+            base,
+            len,
+            host_page_size,
+            backing,
+            shared: Some(alias),
         })
     }
 
@@ -1065,6 +1173,94 @@ pub(crate) mod tests {
         assert!(!r.is_populated(2 * PAGE_SIZE).unwrap());
         assert!(r.is_zero(0, r.len()));
         assert!(r.is_populated(r.len()).is_err());
+    }
+
+    /// A VMM's memfd-backed guest RAM, borrowed: the engine's alias sees the VMM's view, pages
+    /// the file lacked are allocated (the VMM's data is kept), and files that cannot take
+    /// minor faults or misaligned ranges are refused.
+    #[test]
+    fn vmm_memfd_is_borrowed_with_an_alias() {
+        use std::os::fd::{AsFd, AsRawFd};
+        let len = 8 * PAGE_SIZE;
+        // What a VMM does: a memfd, sized, mapped shared, partly written.
+        let file = std::fs::File::from(
+            // SAFETY: `memfd_create` returns a fresh descriptor (checked) that `OwnedFd` owns.
+            unsafe {
+                let fd = libc::memfd_create(c"vmm-ram".as_ptr(), libc::MFD_CLOEXEC);
+                assert!(fd >= 0);
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            },
+        );
+        file.set_len(2 * len as u64).unwrap();
+        let vmm = mmap_rw("vmm", 2 * len, libc::MAP_SHARED, file.as_raw_fd(), 0).unwrap();
+        // SAFETY: the VMM's mapping above is 2 * len bytes long, read/write.
+        unsafe { std::ptr::write_bytes((vmm + len + PAGE_SIZE) as *mut u8, 0xAB, 16) };
+        struct Unmap(usize, usize);
+        impl Drop for Unmap {
+            fn drop(&mut self) {
+                // SAFETY: the test's own mapping; the region holding this owner is gone.
+                unsafe { libc::munmap(self.0 as *mut libc::c_void, self.1) };
+            }
+        }
+        let owner = Arc::new(Unmap(vmm, 2 * len));
+
+        // The second half of the file, at its own offset.
+        // SAFETY: [vmm+len, vmm+2*len) is the VMM's shared mapping of the file at offset len,
+        // alive while `owner` is.
+        let r = unsafe {
+            GuestRegion::from_memfd(
+                0,
+                "ram",
+                (vmm + len) as *mut u8,
+                len,
+                file.as_fd(),
+                len as u64,
+                owner.clone(),
+            )
+        }
+        .unwrap();
+        assert_eq!(r.backing(), Backing::Shared);
+        assert_eq!(r.host_page_size(), PAGE_SIZE);
+        let alias = r.alias_ptr_at(PAGE_SIZE, 16).unwrap();
+        // SAFETY: 16 bytes inside the alias mapping, alive while `r` is.
+        assert_eq!(unsafe { std::slice::from_raw_parts(alias, 16) }, [0xAB; 16]);
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(alias.add(PAGE_SIZE), 0xCD, 8) };
+        let mut b = [0u8; 8];
+        r.read_into(2 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [0xCD; 8], "the VMM's view sees writes through the alias");
+        assert!((0..8).all(|p| r.is_populated(p * PAGE_SIZE).unwrap()));
+
+        // SAFETY (all three): the same live mapping; each call is refused before using it.
+        let misaligned = unsafe {
+            GuestRegion::from_memfd(
+                0,
+                "x",
+                vmm as *mut u8,
+                len,
+                file.as_fd(),
+                100,
+                owner.clone(),
+            )
+        };
+        assert!(matches!(misaligned, Err(MemoryError::InvalidBorrow(_))));
+        let dir = std::env::temp_dir().join(format!("migrate-memfd-test-{}", std::process::id()));
+        let plain = std::fs::File::create(&dir).unwrap();
+        let _ = std::fs::remove_file(&dir);
+        let not_shmem = unsafe {
+            GuestRegion::from_memfd(0, "x", vmm as *mut u8, len, plain.as_fd(), 0, owner.clone())
+        };
+        let is_tmpfs = matches!(shared_file_backing(plain.as_raw_fd()), Ok(Backing::Shared));
+        if !is_tmpfs {
+            assert!(
+                matches!(&not_shmem, Err(MemoryError::InvalidBorrow(m)) if m.contains("neither shmem")),
+                "{not_shmem:?}"
+            );
+        }
+        let null = unsafe {
+            GuestRegion::from_memfd(0, "x", std::ptr::null_mut(), len, file.as_fd(), 0, owner)
+        };
+        assert!(null.is_err());
     }
 
     /// A shared region: the alias is the same memory, every page of the file exists from the

@@ -98,6 +98,64 @@ pub fn memory(case: &Case) -> GuestMemory {
     .expect("allocate guest memory")
 }
 
+/// Guest memory the way a VMM with shared RAM holds it: one memfd (`case.region_size` × 2),
+/// mapped shared by the "VMM", split into two regions borrowed with
+/// [`GuestRegion::from_memfd`](migrate_core::GuestRegion::from_memfd) (the second at a file
+/// offset). 4 KiB shmem pages.
+pub fn vmm_memfd_memory(case: &Case) -> GuestMemory {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    let len = case.region_size;
+    // SAFETY: memfd_create returns a fresh descriptor (checked), owned by `OwnedFd` from here.
+    let file = std::fs::File::from(unsafe {
+        let fd = libc::memfd_create(c"vmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        OwnedFd::from_raw_fd(fd)
+    });
+    file.set_len(2 * len as u64).expect("size the memfd");
+    // SAFETY: a new shared mapping of the whole file at a kernel-chosen address.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED, "map the memfd");
+    /// The VMM's mapping, unmapped when the last region borrowing it is gone.
+    struct VmmRam(usize, usize);
+    impl Drop for VmmRam {
+        fn drop(&mut self) {
+            // SAFETY: our mapping; every region borrowing it holds this owner.
+            unsafe { libc::munmap(self.0 as *mut libc::c_void, self.1) };
+        }
+    }
+    let owner = Arc::new(VmmRam(base as usize, 2 * len));
+    let regions = ["ram-low", "ram-high"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            // SAFETY: [base + i*len, +len) is the shared mapping of the file at offset i*len,
+            // read/write, alive while `owner` is.
+            unsafe {
+                migrate_core::GuestRegion::from_memfd(
+                    i as u16,
+                    name,
+                    (base as usize + i * len) as *mut u8,
+                    len,
+                    file.as_fd(),
+                    (i * len) as u64,
+                    owner.clone(),
+                )
+            }
+            .expect("borrow the VMM's memfd")
+        })
+        .collect();
+    GuestMemory::new(regions).expect("guest memory")
+}
+
 /// A listener on an ephemeral loopback port.
 pub fn loopback_listener() -> (Listener, Endpoint) {
     let l = Listener::bind(&"127.0.0.1:0".parse().unwrap()).expect("bind loopback");
@@ -138,9 +196,14 @@ pub fn spawn_dest(
 
 /// Runs `case` end to end and returns both reports.
 pub fn run(case: &Case) -> Outcome {
-    let src_mem = Arc::new(memory(case));
+    run_with(case, memory(case), memory(case))
+}
+
+/// Runs `case` end to end between the given memories (filling the source's first).
+pub fn run_with(case: &Case, src_mem: GuestMemory, dst_mem: GuestMemory) -> Outcome {
+    let src_mem = Arc::new(src_mem);
     fill_initial(&src_mem, 4);
-    let dst_mem = Arc::new(memory(case));
+    let dst_mem = Arc::new(dst_mem);
     let log = Arc::new(PreWriteLog::new(&dst_mem));
     let (listener, ep) = loopback_listener();
 

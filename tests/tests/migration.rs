@@ -5,13 +5,18 @@ use std::sync::Mutex;
 use migrate_core::memory::free_huge_pages;
 use migrate_core::workload::Access;
 use migrate_core::{Backing, Mode};
-use migrate_tests::{assert_identical, run, Case};
+use migrate_tests::{assert_identical, run, run_with, vmm_memfd_memory, Case};
 
 /// hugetlb cases share the reserved pool: one at a time.
 static HUGETLB: Mutex<()> = Mutex::new(());
 
 fn check(case: Case) {
     let o = run(&case);
+    check_outcome(&case, o);
+}
+
+/// A completed migration verified, identical, and every page accounted for.
+fn check_outcome(case: &Case, o: migrate_tests::Outcome) {
     let v = o.dest.verify.as_ref().expect("verification ran");
     assert!(v.ok(), "verification failed: {v:?}");
     assert_eq!(o.source.verified, Some(true));
@@ -188,6 +193,16 @@ fn shared_pure_postcopy() {
     case.backing = Backing::Shared;
     case.passes = 0;
     check(case);
+}
+
+/// Guest RAM the VMM owns, in a memfd it mapped itself, borrowed on both sides.
+#[test]
+fn vmm_memfd_preempt_full_random() {
+    let mut case = Case::small(Mode::PreemptFull, Access::Random);
+    case.passes = 1;
+    let (src, dst) = (vmm_memfd_memory(&case), vmm_memfd_memory(&case));
+    assert_eq!(dst.regions()[1].backing(), Backing::Shared);
+    check_outcome(&case, run_with(&case, src, dst));
 }
 
 #[test]
