@@ -4,6 +4,7 @@
 # Usage (as root, after `cargo build --release -p migrate-cli`):
 #   scripts/bench.sh [SECTION...]
 #     sections: loopback loopback_colocated shaped shaped_light shaped_rcvbuf bulk huge seq scale
+#     (huge: hugetlb private and --shared, THP, and 4 KiB --shared)
 #     (default: all, in that order)
 # Environment:
 #   RUNS=3             runs per figure (medians are reported)
@@ -226,9 +227,14 @@ sec_huge() {
   "$bin" floor --page-size 2m --json > "$OUT/huge-floor2m.json"
   log "migrate-cli floor --page-size 2m --bulk separate --json"
   "$bin" floor --page-size 2m --bulk separate --json > "$OUT/huge-floor2m-bulk.json"
-  for i in $(seq 1 "$RUNS"); do demo "huge-2m-$i" --mode preempt-full --page-size 2m; done
+  for i in $(seq 1 "$RUNS"); do
+    demo "huge-2m-$i" --mode preempt-full --page-size 2m
+    # hugetlbfs memfd guest RAM: requested pages go straight into the file (UFFDIO_CONTINUE).
+    demo "huge-2m-shared-$i" --mode preempt-full --page-size 2m --shared
+  done
   restore
   for i in $(seq 1 "$RUNS"); do demo "huge-thp-$i" --mode preempt-full --page-size thp; done
+  for i in $(seq 1 "$RUNS"); do demo "huge-4k-shared-$i" --mode preempt-full --shared; done
   table huge "$OUT"
 }
 
