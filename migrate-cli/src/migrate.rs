@@ -167,22 +167,6 @@ fn parse_cpu_list(s: &str) -> std::result::Result<CpuList, String> {
     Ok(CpuList(out))
 }
 
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most
-    // `size_of::<cpu_set_t>()` bytes into it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; pid 0 is the calling thread.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
-    {
-        return Vec::new();
-    }
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `c` is below CPU_SETSIZE, inside the set.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
-}
-
 impl CpuPlacement {
     /// Applies the placement to one side's configuration fields, refusing CPUs this process
     /// cannot run on.
@@ -192,7 +176,7 @@ impl CpuPlacement {
         bulk: &mut Vec<usize>,
         prio: &mut Option<i32>,
     ) -> Result<()> {
-        let allowed = allowed_cpus();
+        let allowed = migrate_core::sched::current_affinity();
         for (flag, list, field) in [
             ("--urgent-cpus", &self.urgent_cpus, urgent),
             ("--bulk-cpus", &self.bulk_cpus, bulk),
@@ -223,7 +207,9 @@ impl CpuPlacement {
             urgent_cpus: c.urgent_cpus,
             bulk_cpus: c.bulk_cpus,
             urgent_priority: c.urgent_priority,
-        })
+            ..Default::default()
+        }
+        .from_here())
     }
 
     pub fn apply_source(&self, c: &mut SourceConfig) -> Result<()> {
@@ -868,7 +854,7 @@ mod tests {
             p.to_flags(),
             ["--urgent-cpus", "1", "--bulk-cpus", "0,2", "--no-realtime"]
         );
-        let cpus = allowed_cpus();
+        let cpus = migrate_core::sched::current_affinity();
         assert!(!cpus.is_empty());
         let p = CpuPlacement {
             urgent_cpus: Some(CpuList(vec![cpus[0]])),

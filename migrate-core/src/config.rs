@@ -134,6 +134,7 @@ impl SourceConfig {
             bulk_cpus: self.bulk_cpus.clone(),
             urgent_cpus: self.urgent_cpus.clone(),
             urgent_priority: self.urgent_priority,
+            home_cpus: Vec::new(),
         }
     }
 }
@@ -207,6 +208,7 @@ impl DestConfig {
             bulk_cpus: self.bulk_cpus.clone(),
             urgent_cpus: self.urgent_cpus.clone(),
             urgent_priority: self.urgent_priority,
+            home_cpus: Vec::new(),
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct Destination {
     config: DestConfig,
     guest_digests: Option<Arc<dyn PreWriteDigests>>,
     shared: Arc<DestShared>,
+    /// Where the migration's threads run (home: the CPUs of the thread that made this).
+    placement: crate::sched::Placement,
 }
 
 /// A snapshot of a destination's progress.
@@ -105,6 +107,7 @@ impl Destination {
         let shared = Arc::new(DestShared::new(memory.clone()));
         Self {
             memory,
+            placement: config.placement().from_here(),
             config,
             guest_digests: None,
             shared,
@@ -170,8 +173,7 @@ impl Destination {
             ];
             let Link { main, urgent, .. } = link;
             let event = std::thread::scope(|s| {
-                let placement = self.config.placement();
-                let (shared_u, table_u) = (&*shared, &table);
+                let (placement, shared_u, table_u) = (&self.placement, &*shared, &table);
                 let spawned = std::thread::Builder::new()
                     .name("dst-urgent".into())
                     .spawn_scoped(s, move || {
@@ -188,7 +190,7 @@ impl Destination {
                 let main_thread = std::thread::Builder::new()
                     .name("dst-main".into())
                     .spawn_scoped(s, move || {
-                        self.config.placement().enter_bulk("main receiver");
+                        self.placement.enter_bulk("main receiver");
                         if let Err(e) = self.main_loop(main, table_m, ms, ret_m, stop_m, control) {
                             self.shared.report(e);
                         }
@@ -689,7 +691,7 @@ impl Destination {
             return Err(MigrateError::Internal("userfaultfd armed twice".into()));
         }
         shared.set_phase(DestPhase::Armed);
-        let placement = self.config.placement();
+        let placement = self.placement.clone();
         let ft = fault::FaultThread {
             shared: shared.clone(),
             ret,

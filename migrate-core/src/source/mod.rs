@@ -80,6 +80,8 @@ pub struct Source {
     progress: Arc<Progress>,
     /// Clones of the current connections, for [`Source::interrupt_link`].
     live: Mutex<Vec<Stream>>,
+    /// Where the migration's threads run (home: the CPUs of the thread that made this).
+    placement: crate::sched::Placement,
 }
 
 /// The connections of one link and the threads' ends of them.
@@ -96,6 +98,7 @@ impl Source {
     pub fn new(memory: Arc<GuestMemory>, config: SourceConfig) -> Self {
         Self {
             memory,
+            placement: config.placement().from_here(),
             config,
             progress: Arc::new(Progress::default()),
             live: Mutex::new(Vec::new()),
@@ -131,7 +134,7 @@ impl Source {
                 std::thread::Builder::new()
                     .name("src-scanner".into())
                     .spawn_scoped(s, || {
-                        self.config.placement().enter_bulk("scanner");
+                        self.placement.enter_bulk("scanner");
                         self.run(endpoint, dirty, control)
                     })
                     .map_err(|e| MigrateError::Internal(format!("spawn scanner: {e}")))?
@@ -457,7 +460,7 @@ impl Source {
             pacer: scanner.pacer.clone(),
             timeout: cfg.link_timeout,
         };
-        let placement = cfg.placement();
+        let placement = self.placement.clone();
         std::thread::Builder::new()
             .name("src-return-path".into())
             .spawn(move || {
