@@ -33,6 +33,9 @@ pub(crate) struct Pacer {
     paced: AtomicBool,
     /// When the current cap was set (ns since `epoch`).
     paced_since_ns: AtomicU64,
+    /// A probe (the cap lifted to measure the path) runs until then (ns since `epoch`):
+    /// requests do not cap again before its window is measured.
+    probe_until_ns: AtomicU64,
     /// The current measurement window: start (ns since `epoch`) and accepted bytes then.
     /// Only the scanner moves it.
     window_start_ns: AtomicU64,
@@ -49,6 +52,7 @@ impl Pacer {
             rate: AtomicU64::new(0),
             paced: AtomicBool::new(false),
             paced_since_ns: AtomicU64::new(0),
+            probe_until_ns: AtomicU64::new(0),
             window_start_ns: AtomicU64::new(0),
             window_bytes: AtomicU64::new(0),
         }
@@ -82,6 +86,9 @@ impl Pacer {
     pub fn on_request(&self) {
         let now = self.now_ns();
         self.last_request_ns.store(now, Release);
+        if self.paced.load(Acquire) || now < self.probe_until_ns.load(Acquire) {
+            return;
+        }
         let rate = self.rate.load(Acquire);
         if rate > 0 && !self.paced.swap(true, AcqRel) {
             self.paced_since_ns.store(now, Release);
@@ -117,7 +124,11 @@ impl Pacer {
         let probe =
             now.saturating_sub(self.paced_since_ns.load(Acquire)) > PROBE_EVERY.as_nanos() as u64;
         if (idle || probe) && self.paced.swap(false, AcqRel) {
-            // Lifted: the next window measures the path again; the next request re-caps.
+            // Lifted: the next window measures the path again; requests re-cap once it has.
+            if probe {
+                let until = now + (WINDOW + WINDOW / 2).as_nanos() as u64;
+                self.probe_until_ns.store(until, Release);
+            }
             self.restart_window(accepted);
             self.set(None);
         }
@@ -152,5 +163,38 @@ mod tests {
         std::thread::sleep(HOLD + Duration::from_millis(5));
         p.tick(64 << 20);
         assert!(!p.paced.load(Acquire), "idle: cap lifted");
+    }
+
+    /// While requests keep coming, the periodic probe lifts the cap for one window and the
+    /// next cap uses what that window measured, not the first estimate forever.
+    #[test]
+    fn the_probe_remeasures_while_requests_flow() {
+        let p = Pacer::new(0.9);
+        p.attach(None);
+        std::thread::sleep(WINDOW + Duration::from_millis(2));
+        p.tick(16 << 20);
+        let first = p.rate.load(Acquire);
+        p.on_request();
+        assert!(p.paced.load(Acquire));
+        // Requests flow, the probe period passes: the cap is lifted to measure.
+        std::thread::sleep(PROBE_EVERY + Duration::from_millis(2));
+        p.on_request();
+        p.tick(16 << 20);
+        assert!(!p.paced.load(Acquire), "probe: cap lifted");
+        p.on_request();
+        assert!(
+            !p.paced.load(Acquire),
+            "a request does not re-cap during the probe"
+        );
+        // The probe window carries much more: the rate follows.
+        std::thread::sleep(WINDOW + Duration::from_millis(2));
+        p.tick((16 << 20) + (256 << 20));
+        assert!(
+            p.rate.load(Acquire) > first,
+            "the probe re-measured the rate"
+        );
+        std::thread::sleep(WINDOW / 2 + Duration::from_millis(2));
+        p.on_request();
+        assert!(p.paced.load(Acquire), "capped again after the probe");
     }
 }
