@@ -30,6 +30,8 @@ pub enum MigrateError {
     Timeout(String),
     #[error("internal: {0}")]
     Internal(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 impl MigrateError {

@@ -308,6 +308,8 @@ pub struct FrameSender {
     queue: VecDeque<Seg>,
     sealed: usize,
     queued_bytes: usize,
+    /// Bytes of frames pushed since the sender was made (see `pushed_bytes`).
+    pushed_bytes: u64,
     unsealed_frames: usize,
     unsealed_bytes: usize,
     unsealed_segs: usize,
@@ -422,6 +424,7 @@ impl FrameSender {
             queue: VecDeque::new(),
             sealed: 0,
             queued_bytes: 0,
+            pushed_bytes: 0,
             unsealed_frames: 0,
             unsealed_bytes: 0,
             unsealed_segs: 0,
@@ -448,6 +451,7 @@ impl FrameSender {
             return Err(f.to_error());
         }
         let bytes = self.enqueue(header, payload);
+        self.pushed_bytes += bytes as u64;
         SendStats::add(&self.stats.frames, 1);
         let policy = match self.cfg.submit {
             SubmitPolicy::Count(n) => self.unsealed_frames >= n.max(1),
@@ -579,6 +583,13 @@ impl FrameSender {
     /// [`SendStats::bytes`] without cloning the `Arc`).
     pub fn accepted_bytes(&self) -> u64 {
         SendStats::load(&self.stats.bytes)
+    }
+
+    /// Bytes of this connection's stream pushed so far (headers and payloads, sent or still
+    /// queued): where the next frame will start. Compare with
+    /// [`accepted_bytes`](Self::accepted_bytes) to tell whether a frame has reached the kernel.
+    pub fn pushed_bytes(&self) -> u64 {
+        self.pushed_bytes
     }
 
     /// A handle that makes `wait()` return from another thread.

@@ -129,11 +129,12 @@ fn a_zero_copy_frame_completes_promptly_after_flush() {
     frames_smaller_than_a_send_go_out_promptly(uring_net::ZeroCopy::Always);
 }
 
-/// `settle` waits for what the kernel holds and never sends what is still queued: after the
-/// peer is gone, frames pushed but not flushed stay unsent and uncounted.
+/// `settle` waits for what the kernel holds and never sends what is still queued: frames
+/// pushed but not flushed stay queued and uncounted (with a live peer that would take them),
+/// and go out only on the next flush. `pushed_bytes` counts them from the push on.
 #[test]
 fn settle_reaps_without_sending_the_queue() {
-    let (tx, rx) = pair(Kind::Tcp);
+    let (tx, _rx) = pair(Kind::Tcp);
     let mut s = FrameSender::new(tx, SenderConfig::bulk()).unwrap();
     let bufs = payload_bufs(0, 4096);
     s.push(&header(0, 4096), &bufs).unwrap();
@@ -141,9 +142,18 @@ fn settle_reaps_without_sending_the_queue() {
     assert!(s.settle(Duration::from_secs(5)), "an idle sender settles");
     let sent = s.accepted_bytes();
     assert_eq!(sent, (HDR + 4096) as u64);
+    assert_eq!(s.pushed_bytes(), sent);
 
-    drop(rx);
     s.push(&header(1, 4096), &payload_bufs(1, 4096)).unwrap();
+    assert_eq!(
+        s.pushed_bytes(),
+        2 * sent,
+        "pushed counts a frame once queued"
+    );
     assert!(s.settle(Duration::from_secs(5)));
     assert_eq!(s.accepted_bytes(), sent, "settle sent a queued frame");
+    assert_eq!(s.backlog_bytes(), HDR + 4096, "the frame is still queued");
+    s.flush().unwrap();
+    assert!(s.settle(Duration::from_secs(5)));
+    assert_eq!(s.accepted_bytes(), 2 * sent, "the next flush sends it");
 }

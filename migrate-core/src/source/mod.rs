@@ -9,6 +9,7 @@ mod pages;
 mod prefetch;
 mod return_path;
 mod scanner;
+mod serve;
 mod shared;
 
 use std::sync::atomic::{AtomicUsize, Ordering::*};
@@ -265,6 +266,14 @@ impl Source {
     ) -> Result<SourceReport, MigrateError> {
         let start = Instant::now();
         let cfg = &self.config;
+        if let Some(h) = cfg.adaptive_pacing {
+            if !(h.is_finite() && h > 0.0) {
+                return Err(MigrateError::Config(format!(
+                    "adaptive_pacing {h} must be a positive fraction of the measured rate \
+                     (None turns pacing off)"
+                )));
+            }
+        }
         let table = region_table(&self.memory)?;
         let session: u64 = rand::random();
         let link = self.open_link(endpoint, session, &table, false)?;
@@ -311,8 +320,7 @@ impl Source {
             hint: hint.clone(),
             scratch: Vec::new(),
             last_ping: Instant::now(),
-            pushed: 0,
-            seq: Default::default(),
+            server: serve::UrgentServer::new(cfg),
             pacer: pacer.clone(),
             switched: false,
             postcopy_end: None,
@@ -375,7 +383,6 @@ impl Source {
                     closers = link.closers;
                     pacer.attach(paced(&closers));
                     scanner.bulk = link.bulk;
-                    scanner.pushed = 0;
                     claims.reset_bulk_offsets();
                     scanner.last_ping = Instant::now();
                     rp_thread = Some(self.start_return_path(
@@ -391,8 +398,7 @@ impl Source {
                     }
                 }
                 Err(e) if !scanner.switched => {
-                    // The guest was never paused: it keeps running; stop tracking it.
-                    let _ = dirty.stop(&self.memory);
+                    // The guest was never paused: it keeps running (tracking stops below).
                     break Err(if e.is_link_failure() {
                         MigrateError::Cancelled(format!("connection lost during precopy: {e}"))
                     } else {
@@ -403,6 +409,9 @@ impl Source {
             }
         };
         self.live.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // However it ended (a failure after the pause may have skipped the switchover's own
+        // stop), tracking is over; stopping twice is harmless.
+        let _ = dirty.stop(&self.memory);
         result?;
         let pre = pre.unwrap_or_default();
         Ok(SourceReport {
@@ -454,11 +463,8 @@ impl Source {
             progress: self.progress.clone(),
             finish: scanner.finish.clone(),
             hint: scanner.hint.clone(),
-            max_record_bytes: cfg.max_record_bytes,
-            prefetch_bytes: cfg.prefetch_bytes,
-            seq: Default::default(),
+            server: serve::UrgentServer::new(cfg),
             pacer: scanner.pacer.clone(),
-            timeout: cfg.link_timeout,
         };
         let placement = self.placement.clone();
         std::thread::Builder::new()

@@ -2,34 +2,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::*};
 
-use uring_net::{BufRef, FrameSender};
+use uring_net::FrameSender;
 
 use crate::error::MigrateError;
 use crate::memory::GuestRegion;
 use crate::protocol::Record;
 use crate::stats::{Counters, Lane};
 
-/// The bulk stream's byte offset bookkeeping (see `Claims::bulk_end`).
-pub(crate) struct BulkOffsets<'a> {
-    /// Bytes pushed on this connection so far (headers and payloads).
-    pub pushed: &'a mut u64,
-    /// Per host page of the region being pushed: where its record ends.
-    pub ends: &'a [AtomicU64],
-}
-
-/// Pushes one frame, advancing the bulk offset if there is one.
-pub(crate) fn push_frame(
-    sender: &mut FrameSender,
-    offsets: Option<&mut u64>,
-    header: &[u8],
-    payload: &[BufRef],
-) -> Result<(), MigrateError> {
-    sender.push(header, payload)?;
-    if let Some(pushed) = offsets {
-        *pushed += (header.len() + payload.iter().map(BufRef::len).sum::<usize>()) as u64;
-    }
-    Ok(())
-}
+/// Per host page of the region being pushed on the bulk stream: where its record ends in the
+/// stream (see `Claims::bulk_end`).
+pub(crate) struct BulkOffsets<'a>(pub &'a [AtomicU64]);
 
 /// Host pages `first..first+n` of `region`.
 pub(crate) struct Run<'a> {
@@ -47,7 +29,7 @@ pub(crate) fn push_run(
     max_record: usize,
     counters: &Counters,
     lane: Lane,
-    mut offsets: Option<BulkOffsets<'_>>,
+    offsets: Option<BulkOffsets<'_>>,
 ) -> Result<(), MigrateError> {
     let page = region.host_page_size();
     let max_pages = (max_record / page).max(1);
@@ -60,14 +42,13 @@ pub(crate) fn push_run(
             j += 1;
         }
         let (offset, len) = ((i * page) as u64, ((j - i) * page) as u32);
-        let pushed = offsets.as_mut().map(|o| &mut *o.pushed);
         if zero {
             let rec = Record::Zero {
                 region: region.id(),
                 offset,
                 len,
             };
-            push_frame(sender, pushed, &rec.encode(), &[])?;
+            sender.push(&rec.encode(), &[])?;
             counters.zero_pages.fetch_add((j - i) as u64, Relaxed);
         } else {
             let rec = Record::Pages {
@@ -76,12 +57,13 @@ pub(crate) fn push_run(
                 len,
             };
             let payload = region.buf_ref(i * page, len as usize)?;
-            push_frame(sender, pushed, &rec.encode(), &[payload])?;
+            sender.push(&rec.encode(), &[payload])?;
             counters.add_pages(lane, (j - i) as u64, len as u64);
         }
-        if let Some(o) = offsets.as_ref() {
-            for e in &o.ends[i..j] {
-                e.store(*o.pushed, Release);
+        if let Some(BulkOffsets(ends)) = &offsets {
+            let end = sender.pushed_bytes();
+            for e in &ends[i..j] {
+                e.store(end, Release);
             }
         }
         i = j;

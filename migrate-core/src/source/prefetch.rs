@@ -47,13 +47,13 @@ impl SeqDetector {
                 && hp <= s.last + NEAR.max(s.ahead_until.saturating_sub(s.last))
         }) {
             s.last = hp;
-            s.hits += 1;
+            s.hits = (s.hits + 1).min(CONFIRM);
             s.age = now;
             if s.hits < CONFIRM || window == 0 {
                 return None;
             }
             let from = (hp + 1).max(s.ahead_until);
-            let to = hp + 1 + window;
+            let to = hp.saturating_add(1).saturating_add(window);
             s.ahead_until = to;
             return (from < to).then_some(from..to);
         }

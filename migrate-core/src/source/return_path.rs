@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use uring_net::{FrameReader, FrameSender, Waker};
 
-use super::pages::{push_ahead, push_run, Run};
-use super::shared::{Claims, Finish, Progress, RequestQueue, Requested};
+use super::shared::{Claims, Finish, Progress, RequestQueue};
 use crate::error::MigrateError;
 use crate::memory::GuestMemory;
 use crate::protocol::{RegionTable, ReturnMsg, RETURN_HEADER_LEN};
-use crate::stats::Lane;
 
 pub(crate) struct ReturnPath {
     pub memory: Arc<GuestMemory>,
@@ -28,12 +26,9 @@ pub(crate) struct ReturnPath {
     pub progress: Arc<Progress>,
     pub finish: Arc<Finish>,
     pub hint: Arc<Vec<AtomicUsize>>,
-    pub max_record_bytes: usize,
-    /// Bytes pushed ahead of a sequential request stream (0: off).
-    pub prefetch_bytes: usize,
-    pub seq: super::prefetch::SeqDetector,
+    /// Sends the requested pages (preempt-full).
+    pub server: super::serve::UrgentServer,
     pub pacer: Arc<super::pacing::Pacer>,
-    pub timeout: Duration,
 }
 
 impl ReturnPath {
@@ -123,52 +118,15 @@ impl ReturnPath {
             self.scanner_waker.wake();
             return Ok(());
         };
-        let r = region as usize;
         let accepted = self.bulk_stats.bytes.load(Relaxed);
-        for hp in first..first + n {
-            match self
-                .claims
-                .claim_requested(r, hp, accepted, &self.progress.counters)
-            {
-                Requested::Claimed => {}
-                Requested::InBulkStream => {
-                    self.progress.counters.rescued_pages.fetch_add(1, Relaxed);
-                }
-                Requested::SentUrgently => continue,
-            }
-            push_run(
-                urgent,
-                Run {
-                    region: reg,
-                    first: hp,
-                    n: 1,
-                },
-                self.max_record_bytes,
-                &self.progress.counters,
-                Lane::Urgent,
-                None,
-            )?;
-        }
-        let window = self.prefetch_bytes / page;
-        if let Some(ahead) = self.seq.on_request(region, first + n - 1, window) {
-            // The requested pages leave first, in a send of their own, not behind the copy of
-            // the pages pushed ahead.
-            urgent.flush()?;
-            urgent.drain(Some(self.timeout))?;
-            let pushed = push_ahead(
-                urgent,
-                &self.claims,
-                reg,
-                ahead,
-                self.max_record_bytes,
-                &self.progress.counters,
-            )?;
-            self.progress
-                .counters
-                .prefetched_pages
-                .fetch_add(pushed as u64, Relaxed);
-        }
-        Ok(())
+        self.server.serve(
+            urgent,
+            &self.claims,
+            reg,
+            first..first + n,
+            accepted,
+            &self.progress.counters,
+        )
     }
 
     /// Submits queued urgent pages and waits until the kernel has taken them (normally inline
@@ -176,7 +134,7 @@ impl ReturnPath {
     fn flush_urgent(&mut self) -> Result<(), MigrateError> {
         if let Some(u) = self.urgent.as_mut() {
             u.flush()?;
-            u.drain(Some(self.timeout))?;
+            u.drain(Some(self.server.timeout))?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use uring_net::FrameSender;
 
-use super::pages::{push_ahead, push_frame, push_run, BulkOffsets, Run};
+use super::pages::{push_run, BulkOffsets, Run};
 use super::shared::{Claims, Finish, Progress, RequestQueue, Requested, SourcePhase};
 use super::SourceControl;
 use crate::bitmap::AtomicBitmap;
@@ -35,10 +35,8 @@ pub(crate) struct Scanner {
     pub hint: Arc<Vec<std::sync::atomic::AtomicUsize>>,
     pub scratch: Vec<(u16, usize, usize)>,
     pub last_ping: Instant,
-    /// Bytes pushed on the current bulk connection (see `Claims::bulk_end`).
-    pub pushed: u64,
-    /// Sequential request streams (preempt mode pushes ahead of them).
-    pub seq: super::prefetch::SeqDetector,
+    /// Sends requested pages urgently (preempt mode).
+    pub server: super::serve::UrgentServer,
     pub pacer: Arc<super::pacing::Pacer>,
     /// Set once the guest was paused: from then on a broken connection pauses the migration
     /// instead of cancelling it (once the destination may run the guest, see `dest_may_run`).
@@ -67,7 +65,6 @@ impl Scanner {
         }
     }
 
-    /// Queues a payload-less record (command) on the bulk stream.
     /// Whether the destination may have the `Postcopy` record (and so may run the guest):
     /// once the kernel accepted all of it, the source can no longer tell, and must not run
     /// the guest itself again.
@@ -83,8 +80,9 @@ impl Scanner {
         self.past_no_return
     }
 
+    /// Queues a payload-less record (command) on the bulk stream.
     fn push_command(&mut self, rec: Record) -> Result<(), MigrateError> {
-        push_frame(&mut self.bulk, Some(&mut self.pushed), &rec.encode(), &[])
+        Ok(self.bulk.push(&rec.encode(), &[])?)
     }
 
     /// Sends a ping when the last one is older than the heartbeat interval; the destination
@@ -149,62 +147,31 @@ impl Scanner {
         let accepted = self.bulk.accepted_bytes();
         for &(r, first, n) in &reqs {
             let region = &self.memory.regions()[r as usize];
-            let ri = r as usize;
-            for hp in first..first + n {
-                let requested = self.claims.claim_requested(ri, hp, accepted, counters);
-                match (self.urgent.as_mut(), requested) {
-                    // Preempt: the page goes on the urgent channel, also as a rescue.
-                    (Some(u), Requested::Claimed | Requested::InBulkStream) => {
-                        if requested == Requested::InBulkStream {
-                            counters.rescued_pages.fetch_add(1, Relaxed);
-                        }
-                        push_run(
-                            u,
-                            Run {
+            match self.urgent.as_mut() {
+                // Preempt: on the urgent channel, like preempt-full's return path.
+                Some(u) => {
+                    let pages = first..first + n;
+                    self.server
+                        .serve(u, &self.claims, region, pages, accepted, counters)?;
+                }
+                // Vanilla: next on the bulk stream (a page it already took stays there).
+                None => {
+                    for hp in first..first + n {
+                        if self
+                            .claims
+                            .claim_requested(r as usize, hp, accepted, counters)
+                            == Requested::Claimed
+                        {
+                            let run = Run {
                                 region,
                                 first: hp,
                                 n: 1,
-                            },
-                            self.config.max_record_bytes,
-                            counters,
-                            Lane::Urgent,
-                            None,
-                        )?
+                            };
+                            let ends = BulkOffsets(&self.claims.bulk_end[r as usize]);
+                            let max = self.config.max_record_bytes;
+                            push_run(&mut self.bulk, run, max, counters, Lane::Bulk, Some(ends))?;
+                        }
                     }
-                    // Vanilla: next on the bulk stream (a page it already took stays there).
-                    (None, Requested::Claimed) => push_run(
-                        &mut self.bulk,
-                        Run {
-                            region,
-                            first: hp,
-                            n: 1,
-                        },
-                        self.config.max_record_bytes,
-                        counters,
-                        Lane::Bulk,
-                        Some(BulkOffsets {
-                            pushed: &mut self.pushed,
-                            ends: &self.claims.bulk_end[r as usize],
-                        }),
-                    )?,
-                    _ => {}
-                }
-            }
-        }
-        if let Some(u) = self.urgent.as_mut() {
-            for &(r, first, n) in &reqs {
-                let region = &self.memory.regions()[r as usize];
-                let window = self.config.prefetch_bytes / region.host_page_size();
-                if let Some(ahead) = self.seq.on_request(r, first + n - 1, window) {
-                    let pushed = push_ahead(
-                        u,
-                        &self.claims,
-                        region,
-                        ahead,
-                        self.config.max_record_bytes,
-                        counters,
-                    )?;
-                    counters.prefetched_pages.fetch_add(pushed as u64, Relaxed);
                 }
             }
         }
@@ -281,10 +248,7 @@ impl Scanner {
                         max_record,
                         &self.progress.counters,
                         Lane::Bulk,
-                        Some(BulkOffsets {
-                            pushed: &mut self.pushed,
-                            ends,
-                        }),
+                        Some(BulkOffsets(ends)),
                     )?;
                     sent += n as u64;
                     if postcopy {
@@ -358,7 +322,7 @@ impl Scanner {
         let synced_in = pause_at.elapsed();
         self.send_discards(&sent_once)?;
         self.push_command(Record::Postcopy)?;
-        self.postcopy_end = Some(self.pushed);
+        self.postcopy_end = Some(self.bulk.pushed_bytes());
         self.push_command(Record::Run)?;
         self.bulk.flush()?;
         let downtime = pause_at.elapsed();
@@ -420,12 +384,7 @@ impl Scanner {
                 count: chunk.len() as u32,
             };
             let payload = uring_net::BufRef::from_vec(DiscardEntry::encode_all(chunk));
-            push_frame(
-                &mut self.bulk,
-                Some(&mut self.pushed),
-                &rec.encode(),
-                &[payload],
-            )?;
+            self.bulk.push(&rec.encode(), &[payload])?;
         }
         self.progress
             .counters
