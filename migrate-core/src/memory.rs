@@ -287,7 +287,7 @@ impl Mapping {
                 })?;
                 use std::os::fd::AsRawFd;
                 let base = mmap_rw(name, len, libc::MAP_SHARED, file.as_raw_fd(), 0)?;
-                let alias = map_alias(name, file.as_raw_fd(), 0, len);
+                let alias = map_alias(name, file.as_raw_fd(), 0, len, base);
                 let alias = match alias {
                     Ok(a) => a,
                     Err(e) => {
@@ -417,27 +417,63 @@ fn allocate_file_range(
     }
 }
 
-/// A shared read/write mapping of all `len` bytes of the file `fd`, with `extra_flags`.
 /// The alias of a shared region: `[offset, offset+len)` of the file `fd`, mapped in full now
-/// (a receiver writing through it takes no page fault per page; the guest's view is mapped page
-/// by page, by `UFFDIO_CONTINUE`).
+/// (a receiver writing through it takes no page fault per page; the guest's view at `view` is
+/// mapped page by page, by `UFFDIO_CONTINUE`).
+///
+/// Two hugetlb mappings of one file at addresses equal modulo 1 GiB (with equal flags) may share
+/// page tables, and the guest's view would then see every page the alias maps before it is
+/// placed (on kernels that do not unshare on a minor-fault registration). So the alias is put
+/// where its offset within 1 GiB differs from the view's, which rules sharing out whatever the
+/// two mappings' flags are.
 fn map_alias(
     name: &str,
     fd: std::os::fd::RawFd,
     offset: u64,
     len: usize,
+    view: usize,
 ) -> Result<usize, MemoryError> {
-    let alias = mmap_rw(name, len, libc::MAP_SHARED | libc::MAP_POPULATE, fd, offset)?;
-    // Two hugetlb mappings of one file with identical flags may share page tables (PMD
-    // sharing, 1 GiB-aligned spans): the guest's view would then see every page the alias has
-    // mapped, before it is placed (on kernels that do not unshare on a minor-fault
-    // registration). Different `vm_flags` (DONTDUMP on the alias only) rule sharing out.
-    if let Err(e) = madvise(alias, len, libc::MADV_DONTDUMP, "madvise(MADV_DONTDUMP)") {
-        // SAFETY: `alias` was just mapped here and is referenced nowhere.
-        unsafe { libc::munmap(alias as *mut libc::c_void, len) };
-        return Err(e);
+    const PUD_SIZE: usize = 1 << 30;
+    let slack = 2 * HUGE_PAGE_SIZE;
+    let reserved = mmap_anon(name, len + slack)?;
+    let mut at = reserved.next_multiple_of(HUGE_PAGE_SIZE);
+    if at.wrapping_sub(view) % PUD_SIZE == 0 {
+        at += HUGE_PAGE_SIZE;
     }
-    Ok(alias)
+    // `at` is 2 MiB aligned and `at + len <= reserved + len + slack`.
+    let file_offset = libc::off_t::try_from(offset).unwrap_or(libc::off_t::MAX);
+    // SAFETY: MAP_FIXED over `[at, at+len)`, which lies inside the reservation just made and
+    // referenced by nothing else; it replaces only that reservation's pages.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+            fd,
+            file_offset,
+        )
+    };
+    let mapped = p != libc::MAP_FAILED;
+    let err = io::Error::last_os_error();
+    let (keep_from, keep_to) = if mapped { (at, at + len) } else { (at, at) };
+    // SAFETY: the pieces of the reservation around the alias (all of it if mapping failed):
+    // ours, referenced by nothing.
+    unsafe {
+        libc::munmap(reserved as *mut libc::c_void, keep_from - reserved);
+        libc::munmap(
+            keep_to as *mut libc::c_void,
+            reserved + len + slack - keep_to,
+        );
+    }
+    if !mapped {
+        return Err(MemoryError::Mmap {
+            name: name.to_string(),
+            len,
+            source: err,
+        });
+    }
+    Ok(at)
 }
 
 /// A private anonymous read/write mapping of `len` bytes (not reserved up front).
@@ -584,7 +620,7 @@ fn shared_file_backing(fd: std::os::fd::RawFd) -> Result<Backing, MemoryError> {
         }
         st.assume_init()
     };
-    match st.f_type as i64 {
+    match st.f_type as u32 as i64 {
         TMPFS_MAGIC => Ok(Backing::Shared),
         HUGETLBFS_MAGIC if st.f_bsize as usize == HUGE_PAGE_SIZE => Ok(Backing::SharedHugeTlb),
         HUGETLBFS_MAGIC => Err(MemoryError::InvalidBorrow(format!(
@@ -685,6 +721,9 @@ impl GuestRegion {
     /// range the file does not have yet (`fallocate`; pages already there keep their
     /// contents). The host page size comes from the file's file system.
     ///
+    /// As a destination's memory, the range must read as zero where the source sends nothing
+    /// but "zero" (as fresh RAM does): the destination does not write zero pages it never had.
+    ///
     /// # Safety
     /// `[addr, addr+len)` is mapped read/write and shared from `fd` at `offset`, and stays so
     /// while `owner` lives.
@@ -710,7 +749,7 @@ impl GuestRegion {
         let at = usize::try_from(offset)
             .map_err(|_| MemoryError::InvalidBorrow(format!("file offset {offset:#x}")))?;
         allocate_file_range(fd, at, len)?;
-        let alias = map_alias(name, fd, offset, len)?;
+        let alias = map_alias(name, fd, offset, len, base)?;
         Ok(GuestRegion {
             id,
             name: Arc::from(name),
@@ -868,18 +907,28 @@ impl GuestRegion {
     }
 
     /// Drop the pages of `[offset, offset+len)` (host-page aligned): they read as zero and
-    /// fault again (so a userfaultfd registration sees them again). Private memory is dropped
-    /// (`MADV_DONTNEED`). A shared region keeps its file pages (giving them back to a hugetlb
-    /// pool could lose them to another process, and a region's faults must stay minor faults):
-    /// they are zeroed through the alias and only unmapped from the guest's view.
+    /// fault again (so a userfaultfd registration sees them again). A shared region keeps its
+    /// file pages (giving them back to a hugetlb pool could lose them to another process, and
+    /// its faults must stay minor faults): they are zeroed through the alias, then unmapped
+    /// from the guest's view.
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
         if self.shared.is_some() {
-            self.check_aligned(offset, len)?;
             let alias = self.alias_ptr_at(offset, len)?;
+            self.check_aligned(offset, len)?;
             // SAFETY: `alias_ptr_at` checked the range lies in the alias mapping, alive while
-            // `self` is; callers discard only pages no other thread is writing.
+            // `self` is. Other writers race by design (as with `write_from`), and the pages
+            // are dropped from the guest's view right after.
             unsafe { std::ptr::write_bytes(alias, 0, len) };
         }
+        self.unmap_view(offset, len)
+    }
+
+    /// Unmaps `[offset, offset+len)` (host-page aligned) from the guest's view, so the next
+    /// touch faults, without zeroing anything on purpose: private memory loses its pages (they
+    /// read as zero, as after [`discard`](Self::discard)); a shared region's file keeps them
+    /// as they are. A destination does this to pages that must arrive again, whose content is
+    /// replaced before they are mapped.
+    pub fn unmap_view(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
         self.advise(offset, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
     }
 
@@ -1231,7 +1280,7 @@ pub(crate) mod tests {
         assert_eq!(b, [0xCD; 8], "the VMM's view sees writes through the alias");
         assert!((0..8).all(|p| r.is_populated(p * PAGE_SIZE).unwrap()));
 
-        // SAFETY (all three): the same live mapping; each call is refused before using it.
+        // SAFETY: the same live mapping as above; a misaligned offset is refused before use.
         let misaligned = unsafe {
             GuestRegion::from_memfd(
                 0,
@@ -1244,23 +1293,44 @@ pub(crate) mod tests {
             )
         };
         assert!(matches!(misaligned, Err(MemoryError::InvalidBorrow(_))));
-        let dir = std::env::temp_dir().join(format!("migrate-memfd-test-{}", std::process::id()));
-        let plain = std::fs::File::create(&dir).unwrap();
-        let _ = std::fs::remove_file(&dir);
+        // A file on a file system without minor faults (procfs) is refused.
+        let plain = std::fs::File::open("/proc/self/stat").unwrap();
+        // SAFETY: as above; the file's file system is refused before anything is mapped.
         let not_shmem = unsafe {
             GuestRegion::from_memfd(0, "x", vmm as *mut u8, len, plain.as_fd(), 0, owner.clone())
         };
-        let is_tmpfs = matches!(shared_file_backing(plain.as_raw_fd()), Ok(Backing::Shared));
-        if !is_tmpfs {
-            assert!(
-                matches!(&not_shmem, Err(MemoryError::InvalidBorrow(m)) if m.contains("neither shmem")),
-                "{not_shmem:?}"
-            );
-        }
+        assert!(
+            matches!(&not_shmem, Err(MemoryError::InvalidBorrow(m)) if m.contains("neither shmem")),
+            "{not_shmem:?}"
+        );
+        // SAFETY: a null address is refused before use.
         let null = unsafe {
             GuestRegion::from_memfd(0, "x", std::ptr::null_mut(), len, file.as_fd(), 0, owner)
         };
         assert!(null.is_err());
+    }
+
+    /// Whether the page at `addr` is mapped in this process's page tables (pagemap "present").
+    fn page_mapped(addr: usize) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+        f.seek(SeekFrom::Start((addr / PAGE_SIZE * 8) as u64))
+            .unwrap();
+        let mut e = [0u8; 8];
+        f.read_exact(&mut e).unwrap();
+        u64::from_le_bytes(e) & (1 << 63) != 0
+    }
+
+    /// The alias never lines up with the guest's view modulo 1 GiB (where hugetlb mappings of
+    /// one file may share page tables).
+    #[test]
+    fn the_alias_is_never_aligned_with_the_view() {
+        for _ in 0..4 {
+            let r = region(Backing::Shared, 8 * PAGE_SIZE);
+            let alias = r.alias_ptr_at(0, PAGE_SIZE).unwrap() as usize;
+            assert_ne!(alias.wrapping_sub(r.base_addr()) % (1 << 30), 0);
+            assert_eq!(alias % HUGE_PAGE_SIZE, 0);
+        }
     }
 
     /// A shared region: the alias is the same memory, every page of the file exists from the
@@ -1276,7 +1346,16 @@ pub(crate) mod tests {
         assert_eq!(b, [9; 10], "the guest's view sees writes through the alias");
         assert!(r.alias_ptr_at(8 * PAGE_SIZE, 1).is_err());
 
+        r.read_into(2 * PAGE_SIZE, &mut b).unwrap();
+        assert!(
+            page_mapped(r.base_addr() + 2 * PAGE_SIZE),
+            "read through the view"
+        );
         r.discard(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert!(
+            !page_mapped(r.base_addr() + 2 * PAGE_SIZE),
+            "a discard unmaps the guest's view"
+        );
         assert!(r.is_zero(0, r.len()));
         // mincore on a shared mapping reports the file's page cache: still all there.
         assert!((0..8).all(|p| r.is_populated(p * PAGE_SIZE).unwrap()));

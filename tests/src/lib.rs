@@ -101,7 +101,8 @@ pub fn memory(case: &Case) -> GuestMemory {
 /// Guest memory the way a VMM with shared RAM holds it: one memfd (`case.region_size` × 2),
 /// mapped shared by the "VMM", split into two regions borrowed with
 /// [`GuestRegion::from_memfd`](migrate_core::GuestRegion::from_memfd) (the second at a file
-/// offset). 4 KiB shmem pages.
+/// offset). 4 KiB shmem pages, pre-faulted by the VMM (`MAP_POPULATE`, like a VMM that
+/// preallocates guest RAM).
 pub fn vmm_memfd_memory(case: &Case) -> GuestMemory {
     use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
     let len = case.region_size;
@@ -118,7 +119,7 @@ pub fn vmm_memfd_memory(case: &Case) -> GuestMemory {
             std::ptr::null_mut(),
             2 * len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
             file.as_raw_fd(),
             0,
         )

@@ -147,6 +147,16 @@ impl Destination {
             }
             .into());
         }
+        // A shared region's guest view must not map pages that were never placed (a VMM may
+        // have pre-faulted its RAM): minor faults fire only for unmapped pages.
+        for r in self
+            .memory
+            .regions()
+            .iter()
+            .filter(|r| r.backing().is_shared())
+        {
+            r.unmap_view(0, r.len())?;
+        }
         let mut link = self.accept_link(listener, &table, None)?;
         let session = link.session;
         let shared = self.shared.clone();
@@ -481,20 +491,12 @@ impl Destination {
                     if let Err(e) = reg.populate_write(offset as usize, len as usize) {
                         tracing::debug!(error = %e, "pre-faulting a precopy record failed");
                     }
+                    // (A record cut short ends precopy, and so the migration: its pages are not
+                    // marked received.)
                     // SAFETY: `ptr_at` checked [offset, offset+len) lies inside the region,
                     // which stays mapped while `self.memory` lives; before postcopy no other
                     // thread writes guest memory.
-                    if let Err(e) = unsafe { main.read_exact_raw(ptr, len as usize) } {
-                        // A record cut short leaves no partial page behind: the range goes back
-                        // to never-received (fresh zero pages) and must be sent again.
-                        reg.discard(offset as usize, len as usize)?;
-                        shared.mark_discarded(
-                            region as usize,
-                            offset as usize / page,
-                            len as usize / page,
-                        );
-                        return Err(e.into());
-                    }
+                    unsafe { main.read_exact_raw(ptr, len as usize) }?;
                     shared
                         .counters
                         .add_pages(Lane::Bulk, (len as usize / page) as u64, len as u64);
@@ -536,7 +538,8 @@ impl Destination {
                     {
                         let (e, bytes) = DiscardEntry::decode(chunk, table)?;
                         let reg = &self.memory.regions()[e.region as usize];
-                        reg.discard(e.offset as usize, bytes as usize)?;
+                        // Placement rewrites them before the guest can map them again.
+                        reg.unmap_view(e.offset as usize, bytes as usize)?;
                         let page = reg.host_page_size();
                         shared.mark_discarded(
                             e.region as usize,

@@ -207,9 +207,6 @@ impl DestShared {
             if self.received[r].clear(hp) {
                 dropped += 1;
             }
-            if hp < self.claimed[r].len() {
-                self.claimed[r].clear(hp);
-            }
         }
         self.received_count.fetch_sub(dropped, AcqRel);
     }
