@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use migrate_core::workload::Access;
 use migrate_core::Mode;
 
 use crate::floor::{self, BulkMode, FloorConfig, FloorOutcome};
@@ -149,13 +148,6 @@ pub struct DemoOutcome {
     pub all: bool,
 }
 
-fn access_name(a: Access) -> &'static str {
-    match a {
-        Access::Random => "random",
-        Access::Sequential => "sequential",
-    }
-}
-
 /// Kills the child (by its own handle) if it is still running when dropped.
 struct ChildGuard(Child);
 
@@ -208,19 +200,6 @@ fn wait_port_file(path: &Path, dest: &mut Child, deadline: Duration) -> Result<S
     }
 }
 
-fn guest_flags(g: &GuestArgs) -> Vec<String> {
-    vec![
-        "--mem".into(),
-        g.mem.0.to_string(),
-        "--page-size".into(),
-        g.page_size.name().into(),
-        "--vcpus".into(),
-        g.vcpus.to_string(),
-        "--access".into(),
-        access_name(g.access).into(),
-    ]
-}
-
 /// Runs one migration as two child processes and merges their reports.
 fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
@@ -240,7 +219,7 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
     dest.arg("dest")
         .args(["--listen", "127.0.0.1:0", "--port-file"])
         .arg(&port_file)
-        .args(guest_flags(&args.guest))
+        .args(args.guest.to_flags())
         .args(["--think-us", &args.think_us.to_string()])
         .args(["--touches", &args.touches.to_string()])
         .args(
@@ -269,7 +248,7 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
     source
         .arg("source")
         .args(["--connect", &endpoint, "--mode", mode.name()])
-        .args(guest_flags(&args.guest))
+        .args(args.guest.to_flags())
         .args(["--dirty-rate", &args.dirty_rate.to_string()])
         .args([
             "--postcopy-after-passes",
@@ -365,6 +344,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
         // Fail here, once, rather than in both children.
         crate::migrate::load_key(k)?;
     }
+    args.guest.backing()?;
     let all = args.mode == DemoMode::All;
     let mut reports = Vec::new();
     let mut floor_ref: Option<FloorRef> = None;

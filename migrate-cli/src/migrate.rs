@@ -97,6 +97,36 @@ impl GuestArgs {
         Ok(Arc::new(mem))
     }
 
+    /// These settings as command-line flags (for the processes `demo` starts): every field,
+    /// so a flag added here cannot be dropped on the way.
+    pub fn to_flags(&self) -> Vec<String> {
+        let GuestArgs {
+            mem,
+            page_size,
+            vcpus,
+            access,
+            shared,
+        } = self;
+        let mut f = vec![
+            "--mem".into(),
+            mem.0.to_string(),
+            "--page-size".into(),
+            page_size.name().into(),
+            "--vcpus".into(),
+            vcpus.to_string(),
+            "--access".into(),
+            match access {
+                Access::Random => "random",
+                Access::Sequential => "sequential",
+            }
+            .into(),
+        ];
+        if *shared {
+            f.push("--shared".into());
+        }
+        f
+    }
+
     /// The backing for `--page-size` and `--shared`.
     pub fn backing(&self) -> Result<Backing> {
         Ok(match (self.page_size, self.shared) {
@@ -833,6 +863,34 @@ impl DestBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct GuestOnly {
+        #[command(flatten)]
+        guest: GuestArgs,
+    }
+
+    /// `to_flags` parses back to the same settings, every field set away from its default.
+    #[test]
+    fn guest_flags_round_trip() {
+        let g = GuestArgs {
+            mem: Size(64 << 20),
+            page_size: PageSize::Huge,
+            vcpus: 3,
+            access: Access::Sequential,
+            shared: true,
+        };
+        let flags = g.to_flags();
+        let back = GuestOnly::try_parse_from(std::iter::once("x".to_string()).chain(flags))
+            .unwrap()
+            .guest;
+        assert_eq!(back.mem.0, g.mem.0);
+        assert_eq!(back.page_size, g.page_size);
+        assert_eq!(back.vcpus, g.vcpus);
+        assert_eq!(back.access, g.access);
+        assert_eq!(back.shared, g.shared);
+    }
 
     #[test]
     fn cpu_lists_parse_and_bad_ones_are_refused() {

@@ -107,6 +107,31 @@ fn demo_preempt_full() {
     demo("preempt-full");
 }
 
+/// `demo --shared` migrates shared memfd guest RAM: both child processes get the flag (it
+/// was once dropped on the way, and the "shared" runs were private).
+#[test]
+fn demo_shared_runs_on_shared_memory() {
+    let o = run(&["demo", "--json", "--mem", "32M", "--shared"]);
+    let v = json(&o);
+    assert_migration_fields(&v, "preempt-full");
+    assert_eq!(
+        v["settings"]["shared"],
+        Value::Bool(true),
+        "{}",
+        v["settings"]
+    );
+    let bad = run(&["demo", "--mem", "16M", "--shared", "--page-size", "thp"]);
+    assert!(
+        !bad.status.success(),
+        "demo --shared --page-size thp was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--shared works with"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
 #[test]
 fn demo_all_compares_against_the_floor() {
     let o = run(&[
