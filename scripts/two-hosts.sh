@@ -6,15 +6,9 @@
 # Usage (as root):
 #   scripts/two-hosts.sh [--rate 10gbit] [--mtu N] [--port 4444] [--bin PATH] [MIGRATE-CLI ARGS...]
 #
-# MIGRATE-CLI ARGS are routed by name:
-#   destination only: --think-us --touches
-#   destination only: --rcvbuf
-#   source only:      --mode --dirty-rate --precopy-secs --postcopy-after-passes --no-verify
-#                     --connect-timeout-secs --no-seq-assist --bulk-backlog --max-record
-#                     --bulk-send --notsent-lowat --sndbuf --pacing-headroom --no-pacing
-#                     --push-ahead
-#   both:             everything else (--mem --page-size --vcpus --access --json --timeout-secs
-#                     --urgent-cpus --bulk-cpus --no-realtime ...)
+# MIGRATE-CLI ARGS go to the side(s) whose `migrate-cli source --help` / `dest --help` lists
+# them (e.g. --mode to the source, --think-us to the destination, --mem to both); a flag neither
+# side knows is an error.
 # Example:
 #   scripts/two-hosts.sh --rate 10gbit --mem 1G --mode preempt-full --postcopy-after-passes 0
 set -euo pipefail
@@ -30,46 +24,20 @@ both=()
 dest_only=()
 src_only=()
 
-# Flags of migrate-cli that take a value (so their value is routed with them).
-takes_value() {
-  case "$1" in
-    --mem|--page-size|--vcpus|--access|--timeout-secs|--progress|--think-us|--touches|\
-    --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--connect-timeout-secs|\
-    --bulk-backlog|--max-record|--bulk-send|--notsent-lowat|--sndbuf|--pacing-headroom|\
-    --rcvbuf|--urgent-cpus|--bulk-cpus|--push-ahead) return 0 ;;
-    *) return 1 ;;
-  esac
-}
-
+rest=()
 while [[ $# -gt 0 ]]; do
   arg="$1"
   case "$arg" in
-    --rate) rate="${2:?--rate needs a value, e.g. 10gbit}"; shift 2; continue ;;
-    --rate=*) rate="${arg#*=}"; shift; continue ;;
-    --mtu) mtu="${2:?--mtu needs a value}"; shift 2; continue ;;
-    --mtu=*) mtu="${arg#*=}"; shift; continue ;;
-    --port) port="${2:?--port needs a value}"; shift 2; continue ;;
-    --port=*) port="${arg#*=}"; shift; continue ;;
-    --bin) bin="${2:?--bin needs a path}"; shift 2; continue ;;
-    --bin=*) bin="${arg#*=}"; shift; continue ;;
+    --rate) rate="${2:?--rate needs a value, e.g. 10gbit}"; shift 2 ;;
+    --rate=*) rate="${arg#*=}"; shift ;;
+    --mtu) mtu="${2:?--mtu needs a value}"; shift 2 ;;
+    --mtu=*) mtu="${arg#*=}"; shift ;;
+    --port) port="${2:?--port needs a value}"; shift 2 ;;
+    --port=*) port="${arg#*=}"; shift ;;
+    --bin) bin="${2:?--bin needs a path}"; shift 2 ;;
+    --bin=*) bin="${arg#*=}"; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
-  esac
-  name="${arg%%=*}"
-  group=()
-  if [[ "$arg" != *=* ]] && takes_value "$name"; then
-    [[ $# -ge 2 ]] || die "$name needs a value"
-    group=("$arg" "$2"); shift 2
-  else
-    group=("$arg"); shift
-  fi
-  case "$name" in
-    --think-us|--touches|--rcvbuf) dest_only+=("${group[@]}") ;;
-    --mode|--dirty-rate|--precopy-secs|--postcopy-after-passes|--no-verify|--connect-timeout-secs|\
-    --no-seq-assist|--bulk-backlog|--max-record|--bulk-send|--notsent-lowat|--sndbuf|\
-    --pacing-headroom|--no-pacing|--push-ahead)
-      src_only+=("${group[@]}") ;;
-    --listen|--connect|--port-file) die "$name is set by this script" ;;
-    *) both+=("${group[@]}") ;;
+    *) rest+=("$arg"); shift ;;
   esac
 done
 
@@ -77,6 +45,43 @@ done
 command -v ip >/dev/null || die "the ip command (iproute2) is missing"
 [[ -x "$bin" ]] || die "$bin not found; build it with: cargo build --release -p migrate-cli"
 [[ -z "$rate" ]] || command -v tc >/dev/null || die "--rate needs the tc command"
+
+# The long flags each side takes, from its --help: "--flag" -> "v" if it takes a value, "f" if not.
+declare -A src_flags dest_flags
+read_flags() {
+  local -n into="$1"
+  local f
+  while read -r f; do
+    if [[ "$f" == *= ]]; then into["${f%=}"]=v; else into["$f"]=f; fi
+  done < <("$bin" "$2" --help | sed -nE 's/^ *(-[a-zA-Z], )?(--[a-z0-9-]+)( <[^>]+>)?.*/\2\3/p' | sed -E 's/ <.*/=/')
+}
+read_flags src_flags source
+read_flags dest_flags dest
+
+set -- "${rest[@]+"${rest[@]}"}"
+while [[ $# -gt 0 ]]; do
+  arg="$1"
+  name="${arg%%=*}"
+  case "$name" in
+    --listen|--connect|--port-file) die "$name is set by this script" ;;
+  esac
+  kind="${src_flags[$name]-}${dest_flags[$name]-}"
+  [[ -n "$kind" ]] || die "unknown flag $name (neither migrate-cli source nor dest takes it)"
+  group=()
+  if [[ "$arg" != *=* && "$kind" == *v* ]]; then
+    [[ $# -ge 2 ]] || die "$name needs a value"
+    group=("$arg" "$2"); shift 2
+  else
+    group=("$arg"); shift
+  fi
+  if [[ -n "${src_flags[$name]-}" && -n "${dest_flags[$name]-}" ]]; then
+    both+=("${group[@]}")
+  elif [[ -n "${src_flags[$name]-}" ]]; then
+    src_only+=("${group[@]}")
+  else
+    dest_only+=("${group[@]}")
+  fi
+done
 
 ns_src="mig-src-$$"
 ns_dst="mig-dst-$$"

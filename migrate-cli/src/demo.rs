@@ -71,7 +71,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub no_verify: bool,
     /// Per-side silence timeout (seconds).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub timeout_secs: u64,
     /// Pre-shared key file handed to both sides. Without it the demo writes a fresh random
     /// key to a private (0600) file in a temporary directory for its two processes and deletes
@@ -358,7 +358,8 @@ pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
     }
     let baseline = if all || args.baseline {
         let bar = spinner(show, "stream baseline".into());
-        let b = stream::run(args.baseline_secs).context("stream baseline");
+        let secs = crate::migrate::seconds("--baseline-secs", args.baseline_secs, false)?;
+        let b = stream::run(secs).context("stream baseline");
         bar.finish_and_clear();
         Some(b?)
     } else {

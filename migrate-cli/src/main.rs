@@ -125,7 +125,7 @@ fn run(cli: Cli) -> Result<Output> {
         Command::Stream(a) => {
             let out = match a.fresh {
                 Some(s) => stream::run_fresh(s.0 as u64)?,
-                None => stream::run(a.secs)?,
+                None => stream::run(migrate::seconds("--secs", a.secs, false)?)?,
             };
             Ok(Output {
                 human: out.render(),

@@ -415,7 +415,7 @@ pub struct DestArgs {
     pub touches: u64,
     /// Give up if the source is silent this long before postcopy, or a handshake stalls
     /// (seconds).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub timeout_secs: u64,
     /// Pre-shared key file (at least 16 bytes; surrounding whitespace is ignored). Every
     /// connection must prove the same key; without one the port accepts anyone who reaches it.
@@ -426,7 +426,7 @@ pub struct DestArgs {
     #[arg(long, default_value_t = 5.0)]
     pub link_timeout_secs: f64,
     /// How long a paused postcopy waits for the source to reconnect before failing (seconds).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub resume_timeout_secs: u64,
     /// Write the bound endpoint (with the real port) to this file once listening.
     #[arg(long)]
@@ -469,7 +469,7 @@ pub struct SourceArgs {
     #[arg(long, default_value_t = 5.0)]
     pub connect_timeout_secs: f64,
     /// Give up if the destination is silent this long (seconds).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub timeout_secs: u64,
     /// Pre-shared key file (at least 16 bytes; surrounding whitespace is ignored); the
     /// destination must hold the same key. Without one, memory goes to whoever answers.
@@ -489,8 +489,9 @@ pub struct SourceArgs {
     /// Send a ping this often so both sides see traffic when no pages flow (milliseconds).
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub heartbeat_ms: u64,
-    /// Testing: break the connections this many times at random moments of postcopy.
-    #[arg(long, hide = true, default_value_t = 0)]
+    /// Testing: break the connections this many times at random moments of postcopy (to
+    /// exercise recovery).
+    #[arg(long, default_value_t = 0)]
     pub chaos_breaks: u32,
     /// Turn off the sequential-access aids: the page hint (the bulk scan continues right after
     /// a requested page) and pushing pages ahead of a sequential request stream.
@@ -510,10 +511,7 @@ impl SourceArgs {
     fn limits(&self) -> Result<PrecopyLimits> {
         let mut limits = PrecopyLimits::default();
         if let Some(s) = self.precopy_secs {
-            if !(s.is_finite() && s >= 0.0) {
-                bail!("--precopy-secs must be a non-negative number of seconds");
-            }
-            limits.max_time = Duration::from_secs_f64(s);
+            limits.max_time = seconds("--precopy-secs", s, true)?;
             if self.postcopy_after_passes.is_none() {
                 limits.max_passes = u32::MAX;
             }
@@ -545,9 +543,17 @@ fn warn_without_key(key: &Option<AuthKey>, warning: &str) {
     }
 }
 
-fn seconds(what: &str, s: f64) -> Result<Duration> {
-    if !(s.is_finite() && s > 0.0) {
-        bail!("{what} must be a positive number of seconds");
+/// Longest time a seconds flag takes (a week).
+const MAX_SECS: f64 = 7.0 * 86400.0;
+
+/// A seconds flag's value as a `Duration`: positive (or zero, with `zero_ok`), at most a week.
+pub fn seconds(what: &str, s: f64, zero_ok: bool) -> Result<Duration> {
+    let low_ok = if zero_ok { s >= 0.0 } else { s > 0.0 };
+    if !(low_ok && s <= MAX_SECS) {
+        bail!(
+            "{what} must be a {} number of seconds, at most {MAX_SECS}",
+            if zero_ok { "non-negative" } else { "positive" }
+        );
     }
     Ok(Duration::from_secs_f64(s))
 }
@@ -573,7 +579,7 @@ fn chaos(source: &Source, breaks: u32, stop: &AtomicBool) -> u32 {
 
 /// Runs the destination side; the report's `verified` says whether memory arrived intact.
 pub fn run_dest(args: &DestArgs) -> Result<Report> {
-    let link_timeout = seconds("--link-timeout-secs", args.link_timeout_secs)?;
+    let link_timeout = seconds("--link-timeout-secs", args.link_timeout_secs, false)?;
     let key = key_from(args.key_file.as_deref())?;
     let mem = args.guest.allocate()?;
     let log = Arc::new(PreWriteLog::new(&mem));
@@ -665,10 +671,8 @@ pub fn run_dest(args: &DestArgs) -> Result<Report> {
 /// Runs the source side.
 pub fn run_source(args: &SourceArgs) -> Result<Report> {
     let limits = args.limits()?;
-    if !(args.connect_timeout_secs.is_finite() && args.connect_timeout_secs > 0.0) {
-        bail!("--connect-timeout-secs must be positive");
-    }
-    let link_timeout = seconds("--link-timeout-secs", args.link_timeout_secs)?;
+    let connect_timeout = seconds("--connect-timeout-secs", args.connect_timeout_secs, false)?;
+    let link_timeout = seconds("--link-timeout-secs", args.link_timeout_secs, false)?;
     if args.heartbeat_ms == 0 {
         bail!("--heartbeat-ms must be positive");
     }
@@ -692,7 +696,7 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         precopy: limits.clone(),
         verify: !args.no_verify,
         timeout: Duration::from_secs(args.timeout_secs.max(1)),
-        connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
+        connect_timeout,
         key,
         reconnect: ReconnectPolicy {
             retries: args.reconnect,

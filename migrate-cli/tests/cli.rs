@@ -398,6 +398,71 @@ fn placement_flags_reach_both_sides_and_bad_cpus_are_refused() {
     assert!(stderr(&o).contains("bad CPU range"), "{}", stderr(&o));
 }
 
+/// Out-of-range times are clear errors, not panics (exit 101) or overflows later on.
+#[test]
+fn out_of_range_seconds_are_refused() {
+    for args in [
+        &["stream", "--secs", "1e300"][..],
+        &[
+            "demo",
+            "--mem",
+            "16M",
+            "--baseline",
+            "--baseline-secs",
+            "1e300",
+        ],
+        &[
+            "source",
+            "--connect",
+            "127.0.0.1:1",
+            "--link-timeout-secs",
+            "1e300",
+        ],
+        &[
+            "source",
+            "--connect",
+            "127.0.0.1:1",
+            "--connect-timeout-secs=-1",
+        ],
+        &[
+            "source",
+            "--connect",
+            "127.0.0.1:1",
+            "--precopy-secs",
+            "1e18",
+        ],
+        &[
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--link-timeout-secs",
+            "1e18",
+        ],
+        &[
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--resume-timeout-secs",
+            "18446744073709551615",
+        ],
+        &["dest", "--listen", "127.0.0.1:0", "--timeout-secs", "0"],
+    ] {
+        let o = run(args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert_ne!(
+            o.status.code(),
+            Some(101),
+            "{args:?} panicked: {}",
+            stderr(&o)
+        );
+        let e = stderr(&o);
+        assert!(
+            e.contains("seconds") || e.contains("not in"),
+            "{args:?}: {e}"
+        );
+    }
+}
+
 #[test]
 fn bad_mode_is_rejected() {
     let o = run(&["demo", "--mode", "warp"]);

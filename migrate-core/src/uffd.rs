@@ -823,7 +823,8 @@ impl Userfaultfd {
         stop: Option<&EventFd>,
         timeout: Option<Duration>,
     ) -> Result<bool, UffdError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to represent waits without one.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             let mut fds = [
                 libc::pollfd {

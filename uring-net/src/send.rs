@@ -518,7 +518,8 @@ impl FrameSender {
     /// notification arrived. [`NetError::Timeout`] if that takes longer than `timeout`; the
     /// sender's error if a send failed.
     pub fn drain(&mut self, timeout: Option<Duration>) -> Result<(), NetError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to represent waits without one.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         self.flush()?;
         loop {
             self.poll()?;
@@ -559,7 +560,7 @@ impl FrameSender {
     /// was reached: then [`accepted_bytes`](Self::accepted_bytes) is exactly what the kernel
     /// took, nothing more can follow from the sends made so far.
     pub fn settle(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         loop {
             // Reap only: queued frames must not go out now. A failed send's completion is
             // reaped like any other (the error itself was reported to the caller already).
@@ -568,7 +569,8 @@ impl FrameSender {
                 return true;
             }
             let now = Instant::now();
-            if now >= deadline || self.block(Some(deadline - now)).is_err() {
+            if deadline.is_some_and(|d| now >= d) || self.block(deadline.map(|d| d - now)).is_err()
+            {
                 return !self.inflight.iter().any(|(_, op)| op.in_kernel);
             }
         }
