@@ -41,18 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::spawn(move || {
             let guest: Arc<Mutex<Option<DestWorkload>>> = Arc::default();
             let g = guest.clone();
-            let mut dcfg = DestConfig::default();
-            if let Some(v) = std::env::var("EMBED_RCVBUF")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                dcfg.main_socket.recv_buffer = Some(v);
-            }
-            if std::env::var("EMBED_PIN").is_ok() {
-                dcfg.bulk_cpus = vec![0];
-                dcfg.urgent_cpus = vec![1];
-            }
-            let d = Destination::new(mem.clone(), dcfg)
+            let d = Destination::new(mem.clone(), DestConfig::default())
                 .with_guest_digests(log.clone() as Arc<dyn PreWriteDigests>);
             let mut run = move || {
                 let w = DestWorkload::start(
@@ -82,45 +71,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vcpus.pause();
         Ok(())
     };
+    // (Every other setting has a default; `migrate-cli` exposes them as flags.)
     let mut cfg = SourceConfig {
         mode,
         ..SourceConfig::default()
     };
     cfg.precopy.max_passes = passes;
-    // Tuning knobs for experiments: EMBED_BACKLOG (bytes queued in the bulk sender),
-    // EMBED_SNDBUF (bulk SO_SNDBUF), EMBED_LOWAT (bulk TCP_NOTSENT_LOWAT), EMBED_RECORD (largest
-    // page record), EMBED_SEND (bytes per bulk send), EMBED_RCVBUF (destination main SO_RCVBUF), EMBED_ZC (bulk zero copy always), EMBED_PIN (bulk
-    // threads on CPU 0, urgent-path threads on CPU 1).
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-    if let Some(v) = env("EMBED_BACKLOG") {
-        cfg.bulk_backlog = v;
-    }
-    if let Some(v) = env("EMBED_SNDBUF") {
-        cfg.bulk_socket.send_buffer = Some(v);
-    }
-    if let Some(v) = env("EMBED_LOWAT") {
-        cfg.bulk_socket.notsent_lowat = Some(v as u32);
-    }
-    if std::env::var("EMBED_PIN").is_ok() {
-        cfg.bulk_cpus = vec![0];
-        cfg.urgent_cpus = vec![1];
-    }
-    if std::env::var("EMBED_ZC").is_ok() {
-        cfg.bulk.zero_copy = uring_net::ZeroCopy::Always;
-    }
-    if std::env::var("EMBED_NOPACE").is_ok() {
-        cfg.adaptive_pacing = None;
-    }
-    if std::env::var("EMBED_NOCOOP").is_ok() {
-        cfg.bulk.coop_taskrun = false;
-        cfg.urgent.coop_taskrun = false;
-    }
-    if let Some(v) = env("EMBED_RECORD") {
-        cfg.max_record_bytes = v;
-    }
-    if let Some(v) = env("EMBED_SEND") {
-        cfg.bulk.max_send_bytes = v;
-    }
     let source = Source::new(src_mem, cfg).migrate(&endpoint, &mut dirty, &mut pause)?;
     let dest = dest.join().expect("destination thread")?;
 

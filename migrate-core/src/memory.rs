@@ -197,8 +197,9 @@ impl Mapping {
         )
     }
 
-    /// Map `len` bytes of private memory with the given backing. `len` must be a non-zero
-    /// multiple of `backing.host_page_size()`. The memory reads as zero and is not populated.
+    /// Map `len` bytes of memory with the given backing (private, or a shared memfd). `len`
+    /// must be a non-zero multiple of `backing.host_page_size()`. The memory reads as zero;
+    /// private memory is not populated yet, a shared file is allocated in full.
     pub fn new(name: &str, len: usize, backing: Backing) -> Result<Mapping, MemoryError> {
         let host_page = backing.host_page_size();
         if backing == Backing::Borrowed {

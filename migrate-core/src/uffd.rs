@@ -441,6 +441,20 @@ fn new_raw_fd() -> Result<OwnedFd, UffdError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Fails (naming what is missing) unless the kernel supports every one of `features`.
+pub fn require_features(features: u64) -> Result<(), UffdError> {
+    let supported = supported_features()?;
+    let missing = features & !supported;
+    if missing != 0 {
+        return Err(UffdError::FeatureUnsupported {
+            missing,
+            requested: features,
+            supported,
+        });
+    }
+    Ok(())
+}
+
 /// Features the kernel supports (UFFDIO_API probe with features = 0 on a throwaway fd).
 pub fn supported_features() -> Result<u64, UffdError> {
     let fd = new_raw_fd()?;
@@ -489,15 +503,7 @@ enum Step {
 impl Userfaultfd {
     /// Create a userfaultfd and enable exactly `features` (UFFDIO_API).
     pub fn open(features: u64) -> Result<Self, UffdError> {
-        let supported = supported_features()?;
-        let missing = features & !supported;
-        if missing != 0 {
-            return Err(UffdError::FeatureUnsupported {
-                missing,
-                requested: features,
-                supported,
-            });
-        }
+        require_features(features)?;
         let fd = new_raw_fd()?;
         let mut api = UffdioApi {
             api: UFFD_API,

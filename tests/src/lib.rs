@@ -197,13 +197,14 @@ pub fn spawn_dest(
 
 /// Runs `case` end to end and returns both reports.
 pub fn run(case: &Case) -> Outcome {
-    run_with(case, memory(case), memory(case))
+    let src_mem = memory(case);
+    fill_initial(&src_mem, 4);
+    run_with(case, src_mem, memory(case))
 }
 
-/// Runs `case` end to end between the given memories (filling the source's first).
+/// Runs `case` end to end between the given memories (the source's as the caller filled it).
 pub fn run_with(case: &Case, src_mem: GuestMemory, dst_mem: GuestMemory) -> Outcome {
     let src_mem = Arc::new(src_mem);
-    fill_initial(&src_mem, 4);
     let dst_mem = Arc::new(dst_mem);
     let log = Arc::new(PreWriteLog::new(&dst_mem));
     let (listener, ep) = loopback_listener();

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use migrate_core::memory::free_huge_pages;
 use migrate_core::workload::Access;
 use migrate_core::{Backing, Mode};
-use migrate_tests::{assert_identical, run, run_with, vmm_memfd_memory, Case};
+use migrate_tests::{assert_identical, memory, run, run_with, vmm_memfd_memory, Case};
 
 /// hugetlb cases share the reserved pool: one at a time.
 static HUGETLB: Mutex<()> = Mutex::new(());
@@ -201,6 +201,7 @@ fn vmm_memfd_preempt_full_random() {
     let mut case = Case::small(Mode::PreemptFull, Access::Random);
     case.passes = 1;
     let (src, dst) = (vmm_memfd_memory(&case), vmm_memfd_memory(&case));
+    migrate_core::workload::fill_initial(&src, 4);
     assert_eq!(dst.regions()[1].backing(), Backing::Shared);
     check_outcome(&case, run_with(&case, src, dst));
 }
@@ -227,6 +228,39 @@ fn thp_preempt_full_random() {
     case.region_size = 16 << 20;
     case.passes = 0;
     check(case);
+}
+
+/// THP after a precopy pass: pages received as zero in precopy are never populated, and a
+/// guest touch of one is served locally; it must arrive as a whole huge page (a zero-page
+/// fill would map 512 small pages), so the destination ends with every page huge.
+#[test]
+fn thp_after_precopy_stays_huge() {
+    let mut case = Case::small(Mode::PreemptFull, Access::Random);
+    case.backing = Backing::TransparentHuge;
+    case.region_size = 16 << 20;
+    case.passes = 1;
+    // Every other huge page all zero (the filler zeroes only some 4 KiB pages).
+    let src = memory(&case);
+    migrate_core::workload::fill_initial(&src, 4);
+    for r in src.regions() {
+        for hp in (0..r.host_pages()).step_by(2) {
+            r.fill_zero(hp * r.host_page_size(), r.host_page_size())
+                .unwrap();
+        }
+    }
+    let o = run_with(&case, src, memory(&case));
+    let c = o.dest.counters;
+    let (_, after) = o.dest.anon_huge_bytes;
+    check_outcome(&case, o);
+    assert!(
+        c.local_zero_faults > 0,
+        "no zero page was served locally: {c:?}"
+    );
+    assert_eq!(
+        after,
+        Some(2 * case.region_size as u64),
+        "not every page is huge"
+    );
 }
 
 /// One receiver for every mode: the destination has no notion of the source's mode (there is

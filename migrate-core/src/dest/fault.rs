@@ -35,6 +35,7 @@ impl FaultThread {
             .get()
             .ok_or_else(|| MigrateError::Internal("fault thread without userfaultfd".into()))?;
         let mut events = Vec::with_capacity(64);
+        let mut staging = super::state::Staging::new();
         let mut out = Vec::with_capacity(64 * 16);
         loop {
             if !uffd.wait(Some(&self.stop), None)? {
@@ -59,14 +60,8 @@ impl FaultThread {
                 let page_addr = region.base_addr() + hp * page;
                 if shared.received[r].test(hp) {
                     // In place already, or received as zero during precopy and never
-                    // populated: fill it with zeroes here (EEXIST-safe) and wake the vCPU. A
-                    // shared region's file holds the zeroes already: map them.
-                    let local = if region.backing().is_shared() {
-                        uffd.continue_range(page_addr, page, page, true)?
-                    } else {
-                        uffd.zeropage(page_addr, page, page, true)?
-                    };
-                    if local > 0 {
+                    // populated: make it present here (EEXIST-safe) and wake the vCPU.
+                    if shared.install_local(region, hp, &mut staging)? > 0 {
                         shared.counters.local_zero_faults.fetch_add(1, Relaxed);
                     } else {
                         // Already present: the placement's own wake may have missed us.

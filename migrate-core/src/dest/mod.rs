@@ -137,16 +137,7 @@ impl Destination {
         let table = region_table(&self.memory)?;
         // Found out now, not at switchover: by then the source can no longer take its guest
         // back.
-        let needed = self.uffd_features();
-        let supported = crate::uffd::supported_features()?;
-        if needed & !supported != 0 {
-            return Err(crate::uffd::UffdError::FeatureUnsupported {
-                missing: needed & !supported,
-                requested: needed,
-                supported,
-            }
-            .into());
-        }
+        crate::uffd::require_features(self.uffd_features())?;
         // A shared region's guest view must not map pages that were never placed (a VMM may
         // have pre-faulted its RAM): minor faults fire only for unmapped pages.
         for r in self
@@ -481,12 +472,20 @@ impl Destination {
                     if let Err(e) = reg.populate_write(offset as usize, len as usize) {
                         tracing::debug!(error = %e, "pre-faulting a precopy record failed");
                     }
-                    // (A record cut short ends precopy, and so the migration: its pages are not
-                    // marked received.)
                     // SAFETY: `ptr_at` checked [offset, offset+len) lies inside the region,
                     // which stays mapped while `self.memory` lives; before postcopy no other
                     // thread writes guest memory.
-                    unsafe { main.read_exact_raw(ptr, len as usize) }?;
+                    if let Err(e) = unsafe { main.read_exact_raw(ptr, len as usize) } {
+                        // A record cut short leaves no partial page behind: the range goes back
+                        // to never-received (zero pages) and must be sent again.
+                        reg.discard(offset as usize, len as usize)?;
+                        shared.mark_discarded(
+                            region as usize,
+                            offset as usize / page,
+                            len as usize / page,
+                        );
+                        return Err(e.into());
+                    }
                     shared
                         .counters
                         .add_pages(Lane::Bulk, (len as usize / page) as u64, len as u64);

@@ -244,6 +244,57 @@ impl DestShared {
         Ok(())
     }
 
+    /// Maps zero pages over the still-missing host pages of `[offset, offset+len)` of a
+    /// private region atomically, waking faulting vCPUs; returns the bytes newly mapped.
+    fn fill_zero(
+        &self,
+        region: &GuestRegion,
+        offset: usize,
+        len: usize,
+        staging: &mut Staging,
+    ) -> Result<usize, MigrateError> {
+        let uffd = self.uffd.get().ok_or_else(|| {
+            MigrateError::Internal("placement before userfaultfd was armed".into())
+        })?;
+        let page = region.host_page_size();
+        let dst = region.base_addr() + offset;
+        if region.backing() != Backing::TransparentHuge {
+            return Ok(uffd.zeropage(dst, len, page, true)?);
+        }
+        // `UFFDIO_ZEROPAGE` (or a copy of zeros) would map 4 KiB pages and the range would
+        // never be huge again: move freshly zeroed huge pages in instead (the kernel's zeroing
+        // costs what the guest's first write fault would have).
+        let mut placed = 0;
+        for chunk in (0..len).step_by(page) {
+            let buf = staging.zeroed(page)?;
+            placed += uffd.move_pages(dst + chunk, buf.as_ptr() as usize, page, page, true)?;
+        }
+        staging.restock(Backing::TransparentHuge);
+        Ok(placed)
+    }
+
+    /// A vCPU faulted on host page `hp` of `region`, which is in place as far as the source
+    /// is concerned (received as zero during precopy and never populated, or placed just now):
+    /// makes it present without the network (a shared region maps its file page; others get
+    /// zero pages, whole huge pages for THP) and wakes the vCPU. Returns the bytes newly
+    /// mapped (0: it was present already).
+    pub fn install_local(
+        &self,
+        region: &GuestRegion,
+        hp: usize,
+        staging: &mut Staging,
+    ) -> Result<usize, MigrateError> {
+        let page = region.host_page_size();
+        if region.backing().is_shared() {
+            let uffd = self.uffd.get().ok_or_else(|| {
+                MigrateError::Internal("placement before userfaultfd was armed".into())
+            })?;
+            let addr = region.base_addr() + hp * page;
+            return Ok(uffd.continue_range(addr, page, page, true)?);
+        }
+        self.fill_zero(region, hp * page, page, staging)
+    }
+
     /// Places zero pages atomically.
     pub fn place_zero(
         &self,
@@ -255,27 +306,15 @@ impl DestShared {
         if region.backing().is_shared() {
             return super::alias::place_zero(self, region, offset, len, staging);
         }
-        let uffd = self.uffd.get().ok_or_else(|| {
-            MigrateError::Internal("placement before userfaultfd was armed".into())
-        })?;
+        let placed = self.fill_zero(region, offset, len, staging)?;
         let page = region.host_page_size();
-        let dst = region.base_addr() + offset;
-        if region.backing() == Backing::TransparentHuge {
-            // `UFFDIO_ZEROPAGE` would map 4 KiB zero pages and the range would never be huge
-            // again: move freshly zeroed huge pages in instead (the kernel's zeroing costs what
-            // the guest's first write fault would have).
-            for chunk in (0..len).step_by(HUGE_PAGE_SIZE.max(page)) {
-                let n = (len - chunk).min(HUGE_PAGE_SIZE.max(page));
-                let buf = staging.zeroed(n, Backing::TransparentHuge)?;
-                uffd.move_pages(dst + chunk, buf.as_ptr() as usize, n, page, true)?;
-            }
-            staging.restock(Backing::TransparentHuge);
-        } else {
-            uffd.zeropage(dst, len, page, true)?;
-        }
+        // As for data pages: a page the other receiver placed first is a duplicate.
         self.counters
             .zero_pages
-            .fetch_add((len / page) as u64, Relaxed);
+            .fetch_add((placed / page) as u64, Relaxed);
+        self.counters
+            .duplicate_pages
+            .fetch_add(((len - placed) / page) as u64, Relaxed);
         self.mark_received(region.id() as usize, offset / page, len / page);
         Ok(())
     }
@@ -291,8 +330,9 @@ impl DestShared {
 pub(crate) struct Staging {
     copy: Option<Mapping>,
     thp: Option<Mapping>,
-    /// The THP buffer holds freshly zeroed pages nobody has written (restocked).
-    thp_zero: bool,
+    /// How much of the THP buffer (from its start) was handed out, or never populated, since
+    /// it was last restocked: that prefix may be written or missing (0: all fresh zero pages).
+    thp_dirty: usize,
     /// Which host pages of the record being placed this receiver claimed (shared regions).
     pub claims: Vec<bool>,
 }
@@ -302,37 +342,36 @@ impl Staging {
         Self {
             copy: None,
             thp: None,
-            thp_zero: false,
+            thp_dirty: 0,
             claims: Vec::new(),
         }
     }
 
-    /// Like [`Staging::get`], but the buffer is fresh zeroed memory.
-    pub fn zeroed(&mut self, len: usize, backing: Backing) -> Result<&mut [u8], MigrateError> {
-        let restocked = backing == Backing::TransparentHuge
-            && self.thp_zero
-            && self.thp.as_ref().is_some_and(|m| m.len() >= len);
-        self.get(len, backing)?;
-        if !restocked {
-            let slot = match backing {
-                Backing::TransparentHuge => &self.thp,
-                _ => &self.copy,
-            };
-            slot.as_ref().expect("get allocated it").fresh_zeroed(len)?;
+    /// A THP buffer of `len` bytes of fresh zeroed (and present) huge pages, to move in as
+    /// zero pages.
+    pub fn zeroed(&mut self, len: usize) -> Result<&mut [u8], MigrateError> {
+        let stocked = self.thp_dirty == 0 && self.thp.as_ref().is_some_and(|m| m.len() >= len);
+        self.get(len, Backing::TransparentHuge)?;
+        if !stocked {
+            self.thp
+                .as_ref()
+                .expect("get allocated it")
+                .fresh_zeroed(len)?;
         }
-        self.get(len, backing)
+        self.get(len, Backing::TransparentHuge)
     }
 
     /// After the THP buffer's pages were moved away: allocate fresh zeroed huge pages for the
-    /// next record now. A no-op for other backings (their buffer keeps its pages). Failing
-    /// (out of memory) is not an error: the next record then allocates as it is read.
+    /// next record now, for the part used since the last restock only. A no-op for other
+    /// backings (their buffer keeps its pages). Failing (out of memory) is not an error: the
+    /// next record then allocates as it is read.
     pub fn restock(&mut self, backing: Backing) {
-        if backing != Backing::TransparentHuge || self.thp_zero {
+        if backing != Backing::TransparentHuge || self.thp_dirty == 0 {
             return;
         }
         if let Some(m) = &self.thp {
-            match m.fresh_zeroed(m.len()) {
-                Ok(()) => self.thp_zero = true,
+            match m.fresh_zeroed(self.thp_dirty) {
+                Ok(()) => self.thp_dirty = 0,
                 Err(e) => tracing::debug!(error = %e, "restocking the THP staging buffer"),
             }
         }
@@ -340,17 +379,23 @@ impl Staging {
 
     /// A buffer of exactly `len` bytes for a record of a region with `backing`.
     pub fn get(&mut self, len: usize, backing: Backing) -> Result<&mut [u8], MigrateError> {
-        let (slot, kind) = match backing {
-            Backing::TransparentHuge => (&mut self.thp, Backing::TransparentHuge),
-            _ => (&mut self.copy, Backing::Anonymous),
+        let thp = backing == Backing::TransparentHuge;
+        let (slot, kind) = if thp {
+            (&mut self.thp, Backing::TransparentHuge)
+        } else {
+            (&mut self.copy, Backing::Anonymous)
         };
         if slot.as_ref().is_none_or(|m| m.len() < len) {
             let size = len.next_power_of_two().max(HUGE_PAGE_SIZE);
             *slot = Some(Mapping::new("staging", size, kind)?);
+            if thp {
+                // A new mapping's pages are not there yet.
+                self.thp_dirty = size;
+            }
         }
-        if kind == Backing::TransparentHuge {
+        if thp {
             // The caller writes into it or moves its pages away.
-            self.thp_zero = false;
+            self.thp_dirty = self.thp_dirty.max(len);
         }
         let m = slot.as_ref().expect("just allocated");
         // SAFETY: the mapping is private to this Staging, at least `len` bytes long and mapped
@@ -393,12 +438,15 @@ mod tests {
             resident(addr) && resident(addr + len - 4096),
             "restock allocates now"
         );
-        let z = st.zeroed(len, Backing::TransparentHuge).unwrap();
+        let z = st.zeroed(len).unwrap();
         assert!(z.iter().all(|&b| b == 0), "restocked pages read as zero");
         // Written data must never be passed off as zero: without a restock, `zeroed` zeroes.
         z.fill(0xCD);
-        assert!(!st.thp_zero, "handing the buffer out consumes the stock");
-        let z = st.zeroed(len, Backing::TransparentHuge).unwrap();
+        assert!(
+            st.thp_dirty > 0,
+            "handing the buffer out consumes the stock"
+        );
+        let z = st.zeroed(len).unwrap();
         assert!(z.iter().all(|&b| b == 0));
 
         // Restocking other backings is a no-op.
