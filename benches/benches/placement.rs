@@ -15,18 +15,12 @@
 
 use std::time::Instant;
 
+use migrate_benches::{env, median};
 use migrate_core::memory::{GuestMemory, RegionSpec, PAGE_SIZE};
 use migrate_core::uffd::{feature, RegisterMode, Userfaultfd};
 use migrate_core::Backing;
 
 const RECORD: usize = 64 << 10;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn region(backing: Backing, size: usize) -> GuestMemory {
     GuestMemory::allocate(&[RegionSpec {
@@ -86,14 +80,9 @@ fn place_by_continue(size: usize, payload: &[u8]) -> (f64, f64) {
     (t.elapsed().as_nanos() as f64 / pages, setup)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let rounds = env("BENCH_ROUNDS", 5);
-    let size = env("BENCH_MIB", 256) << 20;
+    let rounds = env("BENCH_ROUNDS", 5usize).max(1);
+    let size = env("BENCH_MIB", 256usize).max(1) << 20;
     let payload = vec![0x5au8; RECORD];
     let (mut copy, mut cont, mut setup) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {

@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
+use migrate_benches::{env, quantile};
 
 const REPLY: usize = 16 + 4096;
 
@@ -30,16 +31,8 @@ fn server(listener: TcpListener) {
     }
 }
 
-fn percentile(v: &mut [u64], q: f64) -> f64 {
-    v.sort_unstable();
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0
-}
-
 fn main() {
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let rounds = env("BENCH_ROUNDS", 10usize).max(1);
     let per_round = 2000;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -64,10 +57,10 @@ fn main() {
                 ring.submit_and_wait(1).expect("submit");
                 let cqe = ring.completion().next().expect("a completion");
                 assert_eq!(cqe.result(), REPLY as i32, "short or failed recv");
-                uring.push(t.elapsed().as_nanos() as u64);
+                uring.push(t.elapsed().as_secs_f64() * 1e6);
             } else {
                 s.read_exact(&mut buf).unwrap();
-                blocking.push(t.elapsed().as_nanos() as u64);
+                blocking.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
     }
@@ -83,8 +76,8 @@ fn main() {
         println!(
             "{:<28} {:>9.1} {:>9.1}",
             name,
-            percentile(v, 0.5),
-            percentile(v, 0.99)
+            quantile(v, 0.5),
+            quantile(v, 0.99)
         );
     }
 }

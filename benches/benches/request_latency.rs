@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use migrate_benches::{env, median};
 use migrate_core::dirty::UffdWpDirtyLog;
 use migrate_core::stats::LatencySummary;
 use migrate_core::workload::{fill_initial, Access, DestWorkload, PreWriteLog, SourceWorkload};
@@ -18,13 +19,6 @@ use migrate_core::{
     Backing, DestConfig, Destination, GuestMemory, Mode, RegionSpec, Source, SourceConfig,
 };
 use uring_net::Listener;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One pure-postcopy migration; returns the destination's latency summary and bulk GB/s.
 fn migrate(mode: Mode, mib: usize) -> (LatencySummary, f64) {
@@ -88,13 +82,11 @@ fn migrate(mode: Mode, mib: usize) -> (LatencySummary, f64) {
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let (mib, runs) = (env("BENCH_MEM_MIB", 256), env("BENCH_RUNS", 3).max(1));
+    let (mib, runs) = (
+        env("BENCH_MEM_MIB", 256usize),
+        env("BENCH_RUNS", 3usize).max(1),
+    );
     println!("pure postcopy, {mib} MiB, 2 destination vCPUs touching random pages, {runs} runs per mode (medians)");
     println!(
         "{:<14} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
@@ -102,7 +94,9 @@ fn main() {
     );
     for mode in Mode::ALL {
         let results: Vec<_> = (0..runs).map(|_| migrate(mode, mib)).collect();
-        let m = |f: &dyn Fn(&(LatencySummary, f64)) -> f64| median(results.iter().map(f).collect());
+        let m = |f: &dyn Fn(&(LatencySummary, f64)) -> f64| {
+            median(&mut results.iter().map(f).collect::<Vec<_>>())
+        };
         println!(
             "{:<14} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>9.2}",
             mode.name(),

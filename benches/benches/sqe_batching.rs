@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
+use migrate_benches::env;
 use uring_net::{
     BufRef, Endpoint, FrameSender, Listener, Role, SenderConfig, SocketOptions, StableMemory,
     Stream, SubmitPolicy, ZeroCopy,
@@ -298,13 +299,6 @@ fn print(rows: &[Row]) {
             pct
         );
     }
-}
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
 }
 
 #[derive(Clone, Copy)]
