@@ -78,12 +78,6 @@ pub struct DemoArgs {
     /// it afterwards, so the demo's connections are always authenticated.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
-    /// Testing: the source breaks its connections this many times during postcopy.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub chaos_breaks: u32,
-    /// Turn off the page hint and the push-ahead of sequential request streams.
-    #[arg(long)]
-    pub no_seq_assist: bool,
     #[command(flatten)]
     pub tuning: SourceTuning,
     /// Thread placement, applied to both sides.
@@ -257,8 +251,6 @@ fn run_pair(args: &DemoArgs, mode: Mode, show_progress: bool) -> Result<Report> 
         .args(["--timeout-secs", &args.timeout_secs.to_string()])
         .arg("--key-file")
         .arg(&key_file)
-        .args(["--chaos-breaks", &args.chaos_breaks.to_string()])
-        .args(args.no_seq_assist.then_some("--no-seq-assist"))
         .args(args.tuning.to_flags())
         .args(args.placement.to_flags())
         .args(["--json", "--progress"])

@@ -303,8 +303,16 @@ pub struct SourceTuning {
     pub no_pacing: bool,
     /// How much a sequential request stream gets pushed ahead on the urgent channel (0: no
     /// push-ahead; the page hint still steers the bulk scanner).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", conflicts_with = "no_seq_assist")]
     pub push_ahead: Option<Size>,
+    /// Turn off the sequential-access aids: the page hint (the bulk scan continues right after
+    /// a requested page) and pushing pages ahead of a sequential request stream.
+    #[arg(long)]
+    pub no_seq_assist: bool,
+    /// Testing: break the connections this many times at random moments of postcopy (to
+    /// exercise recovery).
+    #[arg(long, default_value_t = 0)]
+    pub chaos_breaks: u32,
 }
 
 impl SourceTuning {
@@ -344,6 +352,10 @@ impl SourceTuning {
         if let Some(v) = self.push_ahead {
             c.prefetch_bytes = v.0;
         }
+        if self.no_seq_assist {
+            c.page_hint = false;
+            c.prefetch_bytes = 0;
+        }
         Ok(())
     }
 
@@ -380,6 +392,12 @@ impl SourceTuning {
         }
         if self.no_pacing {
             v.push("--no-pacing".into());
+        }
+        if self.no_seq_assist {
+            v.push("--no-seq-assist".into());
+        }
+        if self.chaos_breaks > 0 {
+            v.extend(["--chaos-breaks".into(), self.chaos_breaks.to_string()]);
         }
         v
     }
@@ -489,14 +507,6 @@ pub struct SourceArgs {
     /// Send a ping this often so both sides see traffic when no pages flow (milliseconds).
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub heartbeat_ms: u64,
-    /// Testing: break the connections this many times at random moments of postcopy (to
-    /// exercise recovery).
-    #[arg(long, default_value_t = 0)]
-    pub chaos_breaks: u32,
-    /// Turn off the sequential-access aids: the page hint (the bulk scan continues right after
-    /// a requested page) and pushing pages ahead of a sequential request stream.
-    #[arg(long)]
-    pub no_seq_assist: bool,
     #[command(flatten)]
     pub tuning: SourceTuning,
     #[command(flatten)]
@@ -705,12 +715,6 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
         },
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         link_timeout,
-        page_hint: !args.no_seq_assist,
-        prefetch_bytes: if args.no_seq_assist {
-            0
-        } else {
-            SourceConfig::default().prefetch_bytes
-        },
         ..SourceConfig::default()
     };
     args.tuning.apply(&mut config)?;
@@ -728,8 +732,8 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     let stop = AtomicBool::new(false);
     let cpu0 = process_cpu_ms();
     let (result, breaks) = std::thread::scope(|s| {
-        let chaos =
-            (args.chaos_breaks > 0).then(|| s.spawn(|| chaos(&source, args.chaos_breaks, &stop)));
+        let chaos = (args.tuning.chaos_breaks > 0)
+            .then(|| s.spawn(|| chaos(&source, args.tuning.chaos_breaks, &stop)));
         let r = source.migrate(&args.connect, &mut dirty, &mut workload);
         stop.store(true, Release);
         (r, chaos.map_or(0, |c| c.join().unwrap_or(0)))
@@ -748,9 +752,9 @@ pub fn run_source(args: &SourceArgs) -> Result<Report> {
     settings["reconnect_backoff_ms"] = json!(args.reconnect_backoff_ms);
     settings["link_timeout_secs"] = json!(args.link_timeout_secs);
     settings["heartbeat_ms"] = json!(args.heartbeat_ms);
-    settings["seq_assist"] = json!(!args.no_seq_assist);
+    settings["seq_assist"] = json!(!args.tuning.no_seq_assist);
     settings["source_placement"] = placement;
-    if args.chaos_breaks > 0 {
+    if args.tuning.chaos_breaks > 0 {
         settings["chaos_breaks"] = json!(breaks);
     }
     // The guest is paused (or, after a failed switchover, running again): what it wrote.
@@ -873,6 +877,52 @@ mod tests {
     struct GuestOnly {
         #[command(flatten)]
         guest: GuestArgs,
+    }
+
+    #[derive(Parser)]
+    struct TuningOnly {
+        #[command(flatten)]
+        tuning: SourceTuning,
+        #[command(flatten)]
+        placement: CpuPlacement,
+    }
+
+    /// The source tuning and placement flags `demo` hands its processes parse back to the
+    /// same settings (every field set: a field `to_flags` forgets fails here).
+    #[test]
+    fn tuning_and_placement_flags_round_trip() {
+        let size = |n| Some(Size(n));
+        let tuning = SourceTuning {
+            bulk_backlog: size(1 << 20),
+            max_record: size(128 << 10),
+            bulk_send: size(256 << 10),
+            notsent_lowat: size(64 << 10),
+            sndbuf: size(8 << 20),
+            pacing_headroom: Some(0.75),
+            no_pacing: false,
+            push_ahead: None,
+            no_seq_assist: true,
+            chaos_breaks: 3,
+        };
+        let placement = CpuPlacement {
+            urgent_cpus: Some(CpuList(vec![1, 3])),
+            bulk_cpus: Some(CpuList(vec![0])),
+            no_realtime: true,
+        };
+        let flags = tuning.to_flags().into_iter().chain(placement.to_flags());
+        let back =
+            TuningOnly::try_parse_from(std::iter::once("x".to_string()).chain(flags)).unwrap();
+        assert_eq!(format!("{:?}", back.tuning), format!("{tuning:?}"));
+        assert_eq!(format!("{:?}", back.placement), format!("{placement:?}"));
+        // The other two settings that only one of a pair of flags can carry.
+        let t = SourceTuning {
+            no_pacing: true,
+            push_ahead: size(64 << 10),
+            ..SourceTuning::default()
+        };
+        let back = TuningOnly::try_parse_from(std::iter::once("x".to_string()).chain(t.to_flags()))
+            .unwrap();
+        assert_eq!(format!("{:?}", back.tuning), format!("{t:?}"));
     }
 
     /// `to_flags` parses back to the same settings, every field set away from its default.
