@@ -296,6 +296,22 @@ pub fn first_nonzero(memory: &GuestMemory) -> Option<(String, usize)> {
 }
 
 /// A destination for adversarial tests: short timeouts, no real-time priority.
+/// A source for tests against a fake or hostile peer: preempt-full, short timeouts, default
+/// scheduling, and no reconnect (a broken link fails at once).
+pub fn test_source_config() -> SourceConfig {
+    SourceConfig {
+        mode: Mode::PreemptFull,
+        timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        urgent_priority: None,
+        reconnect: migrate_core::ReconnectPolicy {
+            retries: 0,
+            ..Default::default()
+        },
+        ..SourceConfig::default()
+    }
+}
+
 pub fn test_dest_config() -> DestConfig {
     DestConfig {
         timeout: Duration::from_secs(20),

@@ -13,7 +13,7 @@ use migrate_core::dirty::ManualDirtyLog;
 use migrate_core::handshake::{dest_handshake, region_table};
 use migrate_core::protocol::{Channel, Record, RegionTable, ReturnMsg, RECORD_HEADER_LEN};
 use migrate_core::workload::fill_initial;
-use migrate_core::{Mode, ReconnectPolicy, Source, SourceConfig};
+use migrate_core::Source;
 use migrate_tests::{loopback_listener, zeroed_memory};
 use uring_net::{FrameReader, Listener};
 
@@ -143,16 +143,7 @@ fn request_for_a_page_already_sent_is_resent_once_on_the_urgent_channel() {
     let (listener, ep) = loopback_listener();
     let dest = fake_destination(listener, region_table(&mem).unwrap());
 
-    let mut cfg = SourceConfig {
-        mode: Mode::PreemptFull,
-        timeout: Duration::from_secs(10),
-        urgent_priority: None,
-        reconnect: ReconnectPolicy {
-            retries: 0,
-            ..ReconnectPolicy::default()
-        },
-        ..SourceConfig::default()
-    };
+    let mut cfg = migrate_tests::test_source_config();
     cfg.precopy.max_passes = 0;
     let (mut dirty, _handle) = ManualDirtyLog::new(&mem);
     let source = Source::new(mem.clone(), cfg);

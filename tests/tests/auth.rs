@@ -13,9 +13,7 @@ use migrate_core::protocol::auth::PROOF_LEN;
 use migrate_core::protocol::handshake::{CHALLENGE_LEN, HELLO_AUTH};
 use migrate_core::protocol::{AuthKey, Channel, Hello, Record, ReplyStatus};
 use migrate_core::workload::fill_initial;
-use migrate_core::{
-    DestConfig, GuestMemory, Mode, ReconnectPolicy, Source, SourceConfig, SourceReport,
-};
+use migrate_core::{DestConfig, GuestMemory, Source, SourceConfig, SourceReport};
 use migrate_tests::{
     first_nonzero, raw_connect, read_reply, test_dest_config, zeroed_memory, DestUnderTest,
 };
@@ -51,16 +49,8 @@ fn migrate(
     key: Option<AuthKey>,
 ) -> Result<SourceReport, String> {
     let mut cfg = SourceConfig {
-        mode: Mode::PreemptFull,
         key,
-        timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(5),
-        urgent_priority: None,
-        reconnect: ReconnectPolicy {
-            retries: 0,
-            ..ReconnectPolicy::default()
-        },
-        ..SourceConfig::default()
+        ..migrate_tests::test_source_config()
     };
     cfg.precopy.max_passes = 1;
     let (mut dirty, _handle) = ManualDirtyLog::new(mem);

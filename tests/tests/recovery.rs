@@ -10,7 +10,7 @@ use migrate_core::dirty::UffdWpDirtyLog;
 use migrate_core::source::SourcePhase;
 use migrate_core::verify::PreWriteDigests;
 use migrate_core::workload::{fill_initial, Access, PreWriteLog};
-use migrate_core::{DestConfig, Destination, Mode, ReconnectPolicy, Source, SourceConfig};
+use migrate_core::{DestConfig, Destination, Mode, ReconnectPolicy, Source};
 use migrate_tests::{
     assert_identical, loopback_listener, memory, migrate_source, spawn_dest, Case, Outcome,
 };
@@ -144,10 +144,7 @@ fn destination_pauses_rather_than_fails() {
         let started = started.clone();
         std::thread::spawn(move || dest.accept(&listener, &mut || started.store(true, Release)))
     };
-    let mut cfg = SourceConfig {
-        mode: case.mode,
-        ..SourceConfig::default()
-    };
+    let mut cfg = case.source_config();
     cfg.precopy.max_passes = 0;
     cfg.bulk_backlog = 16 << 10;
     cfg.reconnect.retries = 0;

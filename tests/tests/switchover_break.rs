@@ -14,10 +14,12 @@ use migrate_core::workload::{Access, SourceWorkload};
 use migrate_core::{Destination, MigrateError, Mode, Source, SourceControl};
 use migrate_tests::{loopback_listener, memory, test_dest_config, Case};
 
-/// Pauses the guest like a VMM, then cuts the link before anything of the switchover is sent.
+/// Pauses the guest like a VMM, then (with `cut_on_pause`) cuts the link before anything of
+/// the switchover is sent.
 struct BreakAtPause<'a> {
     source: &'a Source,
     guest: SourceWorkload,
+    cut_on_pause: bool,
     paused: bool,
     resumed: bool,
 }
@@ -28,6 +30,7 @@ impl<'a> BreakAtPause<'a> {
         Self {
             source,
             guest: SourceWorkload::start(memory.clone(), 2, Access::Random, 20_000),
+            cut_on_pause: true,
             paused: false,
             resumed: false,
         }
@@ -38,7 +41,9 @@ impl SourceControl for BreakAtPause<'_> {
     fn pause(&mut self) -> Result<(), String> {
         self.guest.pause();
         self.paused = true;
-        self.source.interrupt_link();
+        if self.cut_on_pause {
+            self.source.interrupt_link();
+        }
         Ok(())
     }
 
@@ -220,6 +225,8 @@ fn break_during_switchover(at: BreakAt) -> BreakOutcome {
     let source = Source::new(src_mem.clone(), cfg);
     let progress = source.progress();
     let mut control = BreakAtPause::new(&source, &src_mem);
+    // The break comes from the watcher thread.
+    control.cut_on_pause = false;
     let mut dirty = UffdWpDirtyLog::new().expect("uffd-wp dirty log");
     let report = std::thread::scope(|s| {
         s.spawn(|| {
@@ -253,8 +260,7 @@ fn break_during_switchover(at: BreakAt) -> BreakOutcome {
                 }
             }
         });
-        let mut after_pause = AfterPause(&mut control);
-        source.migrate(&ep, &mut dirty, &mut after_pause)
+        source.migrate(&ep, &mut dirty, &mut control)
     });
     assert!(control.paused, "the switchover was never reached");
     control.guest.pause();
@@ -267,20 +273,5 @@ fn break_during_switchover(at: BreakAt) -> BreakOutcome {
         src_mem,
         dst_mem,
         log,
-    }
-}
-
-/// Pauses without breaking anything (the break comes from the watcher thread).
-struct AfterPause<'c, 'a>(&'c mut BreakAtPause<'a>);
-
-impl SourceControl for AfterPause<'_, '_> {
-    fn pause(&mut self) -> Result<(), String> {
-        self.0.guest.pause();
-        self.0.paused = true;
-        Ok(())
-    }
-
-    fn resume(&mut self) -> Result<(), String> {
-        self.0.resume()
     }
 }
