@@ -154,6 +154,8 @@ struct Shared {
     measuring: AtomicBool,
     /// When measuring started (after the warm-up), in `now_ns` time.
     measure_start_ns: AtomicU64,
+    /// Where the request-path and bulk threads run (like the engine's).
+    placement: Placement,
 }
 
 impl Shared {
@@ -229,34 +231,30 @@ fn spawn(
 }
 
 /// Which part of the emulator a thread plays, for its placement.
-enum Role<'a> {
+#[derive(Clone, Copy)]
+enum Role {
     Other,
     /// The request path: placed (and prioritised) like the engine's urgent path.
-    Urgent(&'a Placement),
+    Urgent,
     /// The bulk stream: placed like the engine's bulk threads.
-    Bulk(&'a Placement),
+    Bulk,
 }
 
 fn spawn_as(
-    role: Role<'_>,
+    role: Role,
     name: &str,
     shared: &Arc<Shared>,
     f: impl FnOnce(&Shared) -> Result<()> + Send + 'static,
 ) -> Result<JoinHandle<()>> {
     let shared = shared.clone();
     let what = name.to_string();
-    let place: Option<(Placement, bool)> = match role {
-        Role::Other => None,
-        Role::Urgent(p) => Some((p.clone(), true)),
-        Role::Bulk(p) => Some((p.clone(), false)),
-    };
     std::thread::Builder::new()
         .name(format!("floor-{name}"))
         .spawn(move || {
-            match &place {
-                Some((p, true)) => p.enter_urgent(&what),
-                Some((p, false)) => p.enter_bulk(&what),
-                None => {}
+            match role {
+                Role::Urgent => shared.placement.enter_urgent(&what),
+                Role::Bulk => shared.placement.enter_bulk(&what),
+                Role::Other => {}
             }
             if let Err(e) = f(&shared) {
                 if !shared.stop.load(SeqCst) {
@@ -325,84 +323,75 @@ pub fn run(config: &FloorConfig) -> Result<FloorOutcome> {
         warmup: config.warmup,
         measuring: AtomicBool::new(false),
         measure_start_ns: AtomicU64::new(0),
+        placement: config.placement.clone(),
     });
     let mut threads = Vec::new();
 
     // Destination fault thread: event → request, no hand-off.
     {
         let mut out = req_dst.try_clone()?;
-        threads.push(spawn_as(
-            Role::Urgent(&config.placement),
-            "fault",
-            &shared,
-            move |sh| {
-                let mut events = Vec::with_capacity(64);
-                let mut buf = Vec::with_capacity(64 * 16);
-                while !sh.stop.load(Relaxed) {
-                    if !sh.uffd.wait(None, Some(Duration::from_millis(50)))? {
-                        continue;
-                    }
-                    events.clear();
-                    sh.uffd.read_events(&mut events, 64)?;
-                    let now = sh.now_ns();
-                    buf.clear();
-                    for ev in &events {
-                        if let Event::PageFault { addr, .. } = *ev {
-                            let offset = (addr - sh.region.base_addr()) / page * page;
-                            buf.extend_from_slice(&header(offset as u64, now));
-                        }
-                    }
-                    out.write_all(&buf).context("sending a request")?;
+        threads.push(spawn_as(Role::Urgent, "fault", &shared, move |sh| {
+            let mut events = Vec::with_capacity(64);
+            let mut buf = Vec::with_capacity(64 * 16);
+            while !sh.stop.load(Relaxed) {
+                if !sh.uffd.wait(None, Some(Duration::from_millis(50)))? {
+                    continue;
                 }
-                Ok(())
-            },
-        )?);
+                events.clear();
+                sh.uffd.read_events(&mut events, 64)?;
+                let now = sh.now_ns();
+                buf.clear();
+                for ev in &events {
+                    if let Event::PageFault { addr, .. } = *ev {
+                        let offset = (addr - sh.region.base_addr()) / page * page;
+                        buf.extend_from_slice(&header(offset as u64, now));
+                    }
+                }
+                out.write_all(&buf).context("sending a request")?;
+            }
+            Ok(())
+        })?);
     }
 
     // Destination receiver: replies (and bulk chunks on a shared connection) → UFFDIO_COPY.
     {
         let mut input = req_dst.try_clone()?;
-        threads.push(spawn_as(
-            Role::Urgent(&config.placement),
-            "receiver",
-            &shared,
-            move |sh| {
-                let mut page_buf = vec![0u8; page];
-                let mut drain = vec![0u8; BULK_CHUNK];
-                let mut h = [0u8; 16];
-                loop {
-                    if input.read_exact(&mut h).is_err() {
-                        return Ok(());
-                    }
-                    let (offset, token) = parse_header(&h);
-                    if offset == BULK_MARK {
-                        if token as usize > drain.len() {
-                            return Err(anyhow!("bulk chunk of {token} bytes is too large"));
-                        }
-                        input.read_exact(&mut drain[..token as usize])?;
-                        if sh.measuring.load(Relaxed) {
-                            sh.bulk_bytes.fetch_add(token, Relaxed);
-                        }
-                        continue;
-                    }
-                    input.read_exact(&mut page_buf)?;
-                    let dst = sh.region.base_addr() + offset as usize;
-                    sh.uffd
-                        .copy(dst, &page_buf, page, true)
-                        .context("UFFDIO_COPY")?;
-                    let placed = sh.now_ns();
-                    let n = sh.placed.fetch_add(1, Relaxed);
-                    if n >= sh.warmup {
-                        sh.hist
-                            .record(Duration::from_nanos(placed.saturating_sub(token)));
-                        sh.reply_bytes.fetch_add(page as u64, Relaxed);
-                    } else if n + 1 == sh.warmup {
-                        sh.measure_start_ns.store(sh.now_ns(), Relaxed);
-                        sh.measuring.store(true, Relaxed);
-                    }
+        threads.push(spawn_as(Role::Urgent, "receiver", &shared, move |sh| {
+            let mut page_buf = vec![0u8; page];
+            let mut drain = vec![0u8; BULK_CHUNK];
+            let mut h = [0u8; 16];
+            loop {
+                if input.read_exact(&mut h).is_err() {
+                    return Ok(());
                 }
-            },
-        )?);
+                let (offset, token) = parse_header(&h);
+                if offset == BULK_MARK {
+                    if token as usize > drain.len() {
+                        return Err(anyhow!("bulk chunk of {token} bytes is too large"));
+                    }
+                    input.read_exact(&mut drain[..token as usize])?;
+                    if sh.measuring.load(Relaxed) {
+                        sh.bulk_bytes.fetch_add(token, Relaxed);
+                    }
+                    continue;
+                }
+                input.read_exact(&mut page_buf)?;
+                let dst = sh.region.base_addr() + offset as usize;
+                sh.uffd
+                    .copy(dst, &page_buf, page, true)
+                    .context("UFFDIO_COPY")?;
+                let placed = sh.now_ns();
+                let n = sh.placed.fetch_add(1, Relaxed);
+                if n >= sh.warmup {
+                    sh.hist
+                        .record(Duration::from_nanos(placed.saturating_sub(token)));
+                    sh.reply_bytes.fetch_add(page as u64, Relaxed);
+                } else if n + 1 == sh.warmup {
+                    sh.measure_start_ns.store(sh.now_ns(), Relaxed);
+                    sh.measuring.store(true, Relaxed);
+                }
+            }
+        })?);
     }
     if config.warmup == 0 {
         shared.measure_start_ns.store(shared.now_ns(), Relaxed);
@@ -417,29 +406,24 @@ pub fn run(config: &FloorConfig) -> Result<FloorOutcome> {
         let mut out = req_src.try_clone()?;
         let src_mem = src_mem.clone();
         let via_bulk = config.bulk == BulkMode::Same;
-        threads.push(spawn_as(
-            Role::Urgent(&config.placement),
-            "source",
-            &shared,
-            move |_sh| {
-                let mut h = [0u8; 16];
-                loop {
-                    if input.read_exact(&mut h).is_err() {
+        threads.push(spawn_as(Role::Urgent, "source", &shared, move |_sh| {
+            let mut h = [0u8; 16];
+            loop {
+                if input.read_exact(&mut h).is_err() {
+                    return Ok(());
+                }
+                let (offset, token) = parse_header(&h);
+                if via_bulk {
+                    if reply_tx.send((offset, token)).is_err() {
                         return Ok(());
                     }
-                    let (offset, token) = parse_header(&h);
-                    if via_bulk {
-                        if reply_tx.send((offset, token)).is_err() {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    let off = offset as usize;
-                    write_all_vectored(&mut out, &[&h, &src_mem[off..off + page]])
-                        .context("sending a reply")?;
+                    continue;
                 }
-            },
-        )?);
+                let off = offset as usize;
+                write_all_vectored(&mut out, &[&h, &src_mem[off..off + page]])
+                    .context("sending a reply")?;
+            }
+        })?);
     }
 
     // Bulk stream.
@@ -448,59 +432,44 @@ pub fn run(config: &FloorConfig) -> Result<FloorOutcome> {
         BulkMode::Separate => {
             let (mut d, mut s) = bulk_pair.expect("made for Separate");
             let src_mem = src_mem.clone();
-            threads.push(spawn_as(
-                Role::Bulk(&config.placement),
-                "bulk-sender",
-                &shared,
-                move |sh| {
-                    let chunk = &src_mem[..BULK_CHUNK.min(src_mem.len())];
-                    while !sh.stop.load(Relaxed) {
-                        s.write_all(chunk)?;
+            threads.push(spawn_as(Role::Bulk, "bulk-sender", &shared, move |sh| {
+                let chunk = &src_mem[..BULK_CHUNK.min(src_mem.len())];
+                while !sh.stop.load(Relaxed) {
+                    s.write_all(chunk)?;
+                }
+                Ok(())
+            })?);
+            threads.push(spawn_as(Role::Bulk, "bulk-receiver", &shared, move |sh| {
+                let mut buf = vec![0u8; BULK_CHUNK];
+                loop {
+                    let n = d.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
                     }
-                    Ok(())
-                },
-            )?);
-            threads.push(spawn_as(
-                Role::Bulk(&config.placement),
-                "bulk-receiver",
-                &shared,
-                move |sh| {
-                    let mut buf = vec![0u8; BULK_CHUNK];
-                    loop {
-                        let n = d.read(&mut buf)?;
-                        if n == 0 {
-                            return Ok(());
-                        }
-                        if sh.measuring.load(Relaxed) {
-                            sh.bulk_bytes.fetch_add(n as u64, Relaxed);
-                        }
+                    if sh.measuring.load(Relaxed) {
+                        sh.bulk_bytes.fetch_add(n as u64, Relaxed);
                     }
-                },
-            )?);
+                }
+            })?);
         }
         BulkMode::Same => {
             let mut out = req_src.try_clone()?;
             let src_mem = src_mem.clone();
-            threads.push(spawn_as(
-                Role::Bulk(&config.placement),
-                "bulk-sender",
-                &shared,
-                move |sh| {
-                    let len = BULK_CHUNK.min(src_mem.len());
-                    let bulk_header = header(BULK_MARK, len as u64);
-                    while !sh.stop.load(Relaxed) {
-                        while let Ok((offset, token)) = reply_rx.try_recv() {
-                            let off = offset as usize;
-                            write_all_vectored(
-                                &mut out,
-                                &[&header(offset, token), &src_mem[off..off + page]],
-                            )?;
-                        }
-                        write_all_vectored(&mut out, &[&bulk_header, &src_mem[..len]])?;
+            threads.push(spawn_as(Role::Bulk, "bulk-sender", &shared, move |sh| {
+                let len = BULK_CHUNK.min(src_mem.len());
+                let bulk_header = header(BULK_MARK, len as u64);
+                while !sh.stop.load(Relaxed) {
+                    while let Ok((offset, token)) = reply_rx.try_recv() {
+                        let off = offset as usize;
+                        write_all_vectored(
+                            &mut out,
+                            &[&header(offset, token), &src_mem[off..off + page]],
+                        )?;
                     }
-                    Ok(())
-                },
-            )?);
+                    write_all_vectored(&mut out, &[&bulk_header, &src_mem[..len]])?;
+                }
+                Ok(())
+            })?);
         }
     }
 

@@ -233,13 +233,7 @@ impl CpuPlacement {
     pub fn floor_placement(&self) -> Result<migrate_core::sched::Placement> {
         let mut c = DestConfig::default();
         self.apply_dest(&mut c)?;
-        Ok(migrate_core::sched::Placement {
-            urgent_cpus: c.urgent_cpus,
-            bulk_cpus: c.bulk_cpus,
-            urgent_priority: c.urgent_priority,
-            ..Default::default()
-        }
-        .from_here())
+        Ok(c.placement().from_here())
     }
 
     pub fn apply_source(&self, c: &mut SourceConfig) -> Result<()> {

@@ -129,7 +129,8 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
-    pub(crate) fn placement(&self) -> crate::sched::Placement {
+    /// Where this side's threads run, as configured.
+    pub fn placement(&self) -> crate::sched::Placement {
         crate::sched::Placement {
             bulk_cpus: self.bulk_cpus.clone(),
             urgent_cpus: self.urgent_cpus.clone(),
@@ -203,7 +204,8 @@ pub struct DestConfig {
 }
 
 impl DestConfig {
-    pub(crate) fn placement(&self) -> crate::sched::Placement {
+    /// Where this side's threads run, as configured.
+    pub fn placement(&self) -> crate::sched::Placement {
         crate::sched::Placement {
             bulk_cpus: self.bulk_cpus.clone(),
             urgent_cpus: self.urgent_cpus.clone(),
