@@ -91,7 +91,6 @@ impl FloorOutcome {
                 b => format!("floor+bulk-{}", b.name()),
             }),
             role: "floor".into(),
-            verified: None,
             latency_us: Some(self.latency.clone()),
             floor_us: Some(self.floor_ref()),
             pages: Pages {
@@ -105,13 +104,7 @@ impl FloorOutcome {
             },
             requests: self.latency.count,
             total_ms: ms,
-            downtime_ms: None,
             throughput_gbps: gbps(self.bulk_bytes + self.reply_bytes, ms),
-            precopy_passes: None,
-            precopy_ms: None,
-            postcopy_ms: None,
-            recoveries: None,
-            verify: None,
             settings: json!({
                 "page_size": c.page.name(),
                 "requests": c.requests,
@@ -123,13 +116,7 @@ impl FloorOutcome {
                 "bulk_cpus": c.placement.bulk_cpus,
                 "urgent_priority": c.placement.urgent_priority,
             }),
-            source: None,
-            dest: None,
-            source_cpu_ms: None,
-            dest_cpu_ms: None,
-            baseline_gbytes_per_sec: None,
-            precopy_gbytes_per_sec: None,
-            precopy_vs_baseline_pct: None,
+            ..Default::default()
         }
     }
 }

@@ -126,7 +126,7 @@ impl From<&CountersSnapshot> for Bytes {
 
 /// One report. `role` says who produced it: `source`, `dest`, `migration` (both sides merged by
 /// the demo) or `floor`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub mode: Option<String>,
     pub role: String,
@@ -145,8 +145,8 @@ pub struct Report {
     pub precopy_passes: Option<u64>,
     pub precopy_ms: Option<f64>,
     pub postcopy_ms: Option<f64>,
-    /// Times postcopy survived a broken connection (counted by the source; null in a
-    /// destination's own report).
+    /// Times postcopy survived a broken connection (each side counts its own; null in a floor
+    /// report).
     #[serde(default)]
     pub recoveries: Option<u64>,
     /// Verification details (pages checked, written by the guest, mismatches).
@@ -192,8 +192,6 @@ impl Report {
             mode: Some(r.mode.name().to_string()),
             role: "source".into(),
             verified: r.verified,
-            latency_us: None,
-            floor_us: None,
             pages: Pages::from(c),
             bytes: Bytes::from(c),
             requests: c.requests,
@@ -202,17 +200,11 @@ impl Report {
             throughput_gbps: gbps(c.bytes_bulk + c.bytes_urgent, r.total_ms),
             precopy_passes: Some(r.precopy_passes as u64),
             precopy_ms: Some(r.precopy_ms),
-            postcopy_ms: None,
             recoveries: Some(r.recoveries as u64),
-            verify: None,
             settings,
             source: serde_json::to_value(r).ok(),
-            dest: None,
-            source_cpu_ms: None,
-            dest_cpu_ms: None,
-            baseline_gbytes_per_sec: None,
             precopy_gbytes_per_sec,
-            precopy_vs_baseline_pct: None,
+            ..Default::default()
         }
     }
 
@@ -223,26 +215,18 @@ impl Report {
             role: "dest".into(),
             verified: r.verify.as_ref().map(|v| v.ok()),
             latency_us: Some(Latency::from(&r.latency)),
-            floor_us: None,
             pages: Pages::from(c),
             bytes: Bytes::from(c),
             requests: c.requests,
             total_ms: r.total_ms,
-            downtime_ms: None,
             throughput_gbps: gbps(c.bytes_bulk + c.bytes_urgent, r.total_ms),
             precopy_passes: Some(c.precopy_passes),
-            precopy_ms: None,
             postcopy_ms: Some(r.postcopy_ms),
             recoveries: Some(r.recoveries as u64),
             verify: r.verify.as_ref().and_then(|v| serde_json::to_value(v).ok()),
             settings,
-            source: None,
             dest: serde_json::to_value(r).ok(),
-            source_cpu_ms: None,
-            dest_cpu_ms: None,
-            baseline_gbytes_per_sec: None,
-            precopy_gbytes_per_sec: None,
-            precopy_vs_baseline_pct: None,
+            ..Default::default()
         }
     }
 
@@ -275,9 +259,8 @@ impl Report {
             dest: dst.dest,
             source_cpu_ms: src.source_cpu_ms,
             dest_cpu_ms: dst.dest_cpu_ms,
-            baseline_gbytes_per_sec: None,
             precopy_gbytes_per_sec: src.precopy_gbytes_per_sec,
-            precopy_vs_baseline_pct: None,
+            ..Default::default()
         }
     }
 
