@@ -65,7 +65,6 @@ stream() {
 table() { python3 "$OUT/summarize.py" "$@"; }
 cat > "$OUT/summarize.py" <<'EOF'
 import json, sys, glob, statistics as st
-out = sys.argv[2] if len(sys.argv) > 2 else None
 kind = sys.argv[1]
 def load(p):
     return json.load(open(p))
@@ -75,14 +74,21 @@ def med(xs):
 def lat(r): return r.get("latency_us") or {}
 def cpu_per_page(src_ms, pages): return None if src_ms is None or not pages else src_ms * 1e3 / pages
 O = sys.argv[2]
+def grouped(prefix):
+    """Runs named O/<prefix><name>-<run>.json, grouped by name (in name order)."""
+    groups = {}
+    for p in sorted(glob.glob(O + "/" + prefix + "*.json")):
+        groups.setdefault(p.split("/" + prefix)[1].rsplit("-", 1)[0], []).append(load(p))
+    return groups
 if kind == "loopback":
     rows = {}
     base = []
     prefix = sys.argv[3] if len(sys.argv) > 3 else "loopback-default-"
     for p in sorted(glob.glob(O + "/" + prefix + "*.json")):
-        for r in load(p):
+        runs = load(p)
+        for r in runs:
             rows.setdefault(r["mode"], []).append(r)
-        base += [r["baseline_gbytes_per_sec"] for r in load(p) if r.get("baseline_gbytes_per_sec")][:1]
+        base += [r["baseline_gbytes_per_sec"] for r in runs if r.get("baseline_gbytes_per_sec")][:1]
     floor = med([lat(r)["avg"] for r in rows["floor"]])
     print(f"| mode | runs | requests | avg µs | p50 µs | p99 µs | p99.9 µs | avg × floor | bulk GB/s | verified |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -135,20 +141,14 @@ elif kind == "huge":
 elif kind == "seq":
     print("| access | runs | requests | avg µs | p50 µs | p99 µs | vCPU wait ms (requests × avg) | verified |")
     print("|---|---|---|---|---|---|---|---|")
-    groups = {}
-    for p in sorted(glob.glob(O + "/seq-*.json")):
-        groups.setdefault(p.split("/seq-")[1].rsplit("-", 1)[0], []).append(load(p))
-    for name, rs in groups.items():
+    for name, rs in grouped("seq-").items():
         req = med([r["requests"] for r in rs]); a = med([lat(r)["avg"] for r in rs])
         w = med([r["requests"] * lat(r)["avg"] / 1e3 for r in rs])
         print(f"| {name} | {len(rs)} | {req:.0f} | {a:.1f} | {med([lat(r)['p50'] for r in rs]):.1f} | {med([lat(r)['p99'] for r in rs]):.1f} | {w:.1f} | {','.join(str(r['verified']) for r in rs)} |")
 elif kind == "scale":
     print("| mem | runs | requests | avg µs | p50 µs | p99 µs | bulk GB/s | total ms | source CPU µs/page | verified |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    groups = {}
-    for p in sorted(glob.glob(O + "/scale-*.json")):
-        groups.setdefault(p.split("/scale-")[1].rsplit("-", 1)[0], []).append(load(p))
-    for name, rs in groups.items():
+    for name, rs in grouped("scale-").items():
         g = med([r["bytes"]["bulk"] / (r["total_ms"] * 1e6) for r in rs])
         c = med([cpu_per_page(r.get("source_cpu_ms"), r["pages"]["bulk"] + r["pages"]["urgent"]) for r in rs])
         print(f"| {name} | {len(rs)} | {med([r['requests'] for r in rs]):.0f} | {med([lat(r)['avg'] for r in rs]):.1f} | {med([lat(r)['p50'] for r in rs]):.1f} | {med([lat(r)['p99'] for r in rs]):.1f} | {g:.2f} | {med([r['total_ms'] for r in rs]):.0f} | {c:.2f} | {','.join(str(r['verified']) for r in rs)} |")
@@ -162,7 +162,9 @@ sec_loopback() {
 # The same with every urgent-path thread of both processes on one CPU (the last one): on one
 # machine the three hops of a request then wake each other locally instead of by IPI.
 sec_loopback_colocated() {
-  local last=$(( $(nproc) - 1 ))
+  # The last CPU this process may use (not nproc - 1: under a cpuset the CPUs need not be 0..n-1).
+  local last
+  last="$(awk '/^Cpus_allowed_list:/ { n = split($2, r, /[,-]/); print r[n] }' /proc/self/status)"
   for i in $(seq 1 "$RUNS"); do demo "loopback-colo-$i" --mode all --urgent-cpus "$last"; done
   table loopback "$OUT" loopback-colo-
 }
@@ -258,6 +260,9 @@ sec_scale() {
 
 sections=("$@")
 [[ ${#sections[@]} -gt 0 ]] || sections=(loopback loopback_colocated shaped shaped_light shaped_rcvbuf bulk huge seq scale)
+for s in "${sections[@]}"; do
+  declare -F "sec_$s" >/dev/null || { echo "unknown section: $s" >&2; exit 2; }
+done
 echo "results in $OUT ($(date -u +%F), $(nproc) CPUs, $(uname -r))" >&2
 for s in "${sections[@]}"; do
   echo "## $s"
