@@ -269,6 +269,13 @@ fn spawn_dest(name: &str, mem: &str, extra: &[&str]) -> (std::process::Child, St
     (dest, ep)
 }
 
+/// Runs a source against `ep` with `mem` of guest memory, a JSON report, and `extra` flags.
+fn run_source(ep: &str, mem: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["source", "--connect", ep, "--mem", mem, "--json"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 fn wait_for(path: &PathBuf) -> String {
     let start = Instant::now();
     loop {
@@ -288,35 +295,12 @@ fn wait_for(path: &PathBuf) -> String {
 
 #[test]
 fn dest_and_source_processes() {
-    let pf = port_file("pair");
-    let dest = Command::new(BIN)
-        .args([
-            "dest",
-            "--listen",
-            "127.0.0.1:0",
-            "--mem",
-            "16M",
-            "--json",
-            "--port-file",
-        ])
-        .arg(&pf)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ep = wait_for(&pf);
-    let src = run(&[
-        "source",
-        "--connect",
+    let (dest, ep) = spawn_dest("pair", "16M", &[]);
+    let src = run_source(
         &ep,
-        "--mem",
         "16M",
-        "--mode",
-        "preempt",
-        "--postcopy-after-passes",
-        "1",
-        "--json",
-    ]);
+        &["--mode", "preempt", "--postcopy-after-passes", "1"],
+    );
     let dst = dest.wait_with_output().unwrap();
     let s = json(&src);
     let d = json(&dst);
@@ -334,16 +318,7 @@ fn dest_and_source_processes() {
 fn mismatched_memory_sizes_fail_on_both_sides() {
     let key = KeyFile::new("mismatch", "a key for the mismatch test\n");
     let (dest, ep) = spawn_dest("mismatch", "8M", &["--key-file", key.path()]);
-    let src = run(&[
-        "source",
-        "--connect",
-        &ep,
-        "--mem",
-        "16M",
-        "--json",
-        "--key-file",
-        key.path(),
-    ]);
+    let src = run_source(&ep, "16M", &["--key-file", key.path()]);
     let dst = dest.wait_with_output().unwrap();
     assert!(!src.status.success());
     assert!(!dst.status.success());
@@ -581,16 +556,7 @@ fn different_keys_fail_on_both_sides() {
     let dkey = KeyFile::new("dkey", "the destination's key........\n");
     let skey = KeyFile::new("skey", "the source's different key...\n");
     let (dest, ep) = spawn_dest("keys", "8M", &["--key-file", dkey.path()]);
-    let src = run(&[
-        "source",
-        "--connect",
-        &ep,
-        "--mem",
-        "8M",
-        "--json",
-        "--key-file",
-        skey.path(),
-    ]);
+    let src = run_source(&ep, "8M", &["--key-file", skey.path()]);
     let dst = dest.wait_with_output().unwrap();
     assert_auth_failure("source", &src);
     assert_auth_failure("destination", &dst);
@@ -654,16 +620,7 @@ fn short_key_file_is_a_clear_error() {
 #[test]
 fn no_key_warns_once() {
     let (dest, ep) = spawn_dest("warn", "4M", &[]);
-    let src = run(&[
-        "source",
-        "--connect",
-        &ep,
-        "--mem",
-        "4M",
-        "--json",
-        "--postcopy-after-passes",
-        "1",
-    ]);
+    let src = run_source(&ep, "4M", &["--postcopy-after-passes", "1"]);
     let dst = dest.wait_with_output().unwrap();
     json(&src);
     json(&dst);
@@ -691,24 +648,22 @@ fn recovery_flags_reach_the_report() {
             "60",
         ],
     );
-    let src = run(&[
-        "source",
-        "--connect",
+    let src = run_source(
         &ep,
-        "--mem",
         "4M",
-        "--json",
-        "--key-file",
-        key.path(),
-        "--reconnect",
-        "5",
-        "--reconnect-backoff-ms",
-        "10",
-        "--link-timeout-secs",
-        "3",
-        "--heartbeat-ms",
-        "100",
-    ]);
+        &[
+            "--key-file",
+            key.path(),
+            "--reconnect",
+            "5",
+            "--reconnect-backoff-ms",
+            "10",
+            "--link-timeout-secs",
+            "3",
+            "--heartbeat-ms",
+            "100",
+        ],
+    );
     let dst = dest.wait_with_output().unwrap();
     let s = json(&src);
     let d = json(&dst);
