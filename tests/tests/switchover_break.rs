@@ -86,8 +86,12 @@ fn break_before_postcopy_resumes_the_source_guest() {
         "{err}"
     );
     // Running again: it keeps writing (and dirty tracking was released, so writes don't block).
+    // (Polled, not slept on: a loaded machine may take a while to schedule the guest.)
     let w0 = control.guest.writes.load(SeqCst);
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while control.guest.writes.load(SeqCst) == w0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(
         control.guest.writes.load(SeqCst) > w0,
         "the resumed guest does not run"
